@@ -1,0 +1,225 @@
+//! One generation of a server: what it inherited, and what it hands on.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::listeners::{Listeners, Origin};
+use crate::protocol;
+use crate::stop::{StopReason, StopToken};
+use crate::sys;
+use crate::tracker::Tracker;
+use crate::upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader, ERROR_PREFIX, READY};
+use crate::Error;
+
+/// Set once the inherited fds have owners, so a second `from_env` cannot
+/// adopt (and later close) them twice.
+static ADOPTED: AtomicBool = AtomicBool::new(false);
+
+/// How a generation starts its successor.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// How long the next generation has to report ready before it is killed
+    /// and the upgrade fails. Default 30 s.
+    pub upgrade_timeout: Duration,
+    /// The binary the next generation runs. Default: the path this process
+    /// was started from, resolved at start-up (see [`current_program`]).
+    pub program: Option<PathBuf>,
+    /// Its arguments, `argv[0]` first. Default: this process's arguments.
+    pub args: Option<Vec<OsString>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            upgrade_timeout: Duration::from_secs(30),
+            program: None,
+            args: None,
+        }
+    }
+}
+
+impl Config {
+    /// Set the upgrade timeout.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// Run `program` as the next generation instead of this binary.
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.program = Some(program.into());
+        self
+    }
+
+    /// Start the next generation with these arguments (`argv[0]` first).
+    pub fn args(mut self, args: Vec<OsString>) -> Self {
+        self.args = Some(args);
+        self
+    }
+}
+
+/// This process as one generation of the server: the sockets it inherited or
+/// bound, its readiness report to the parent, its stop token and connection
+/// tracker, and the upgrader that starts the next generation.
+///
+/// Backends wrap it; applications use the backend's type.
+#[derive(Debug)]
+pub struct Generation {
+    number: u64,
+    listeners: Listeners,
+    ready: Mutex<Option<OwnedFd>>,
+    upgrader: Upgrader,
+    stop: StopToken,
+    tracker: Tracker,
+}
+
+impl Generation {
+    /// Read the protocol from this process's environment and adopt what the
+    /// parent passed. Started by hand, this is generation 0 with nothing
+    /// inherited.
+    pub fn from_env(config: Config) -> Result<Self, Error> {
+        let passed = protocol::parse(|name| std::env::var_os(name), sys::getpid())?;
+        let anything_passed = !passed.names.is_empty() || passed.ready_fd.is_some();
+        if anything_passed && ADOPTED.swap(true, Ordering::SeqCst) {
+            return Err(Error::AlreadyAdopted);
+        }
+        let listeners = Listeners::adopt(&passed)?;
+        let ready = passed.ready_fd.map(adopt_ready_fd).transpose()?;
+        let program = match config.program {
+            Some(program) => program,
+            None => current_program().map_err(Error::Program)?,
+        };
+        let args = config.args.unwrap_or_else(|| std::env::args_os().collect());
+        let stop = StopToken::new();
+        Ok(Generation {
+            number: passed.generation,
+            listeners,
+            ready: Mutex::new(ready),
+            upgrader: Upgrader::new(program, args, passed.generation, config.upgrade_timeout),
+            tracker: Tracker::new(stop.clone()),
+            stop,
+        })
+    }
+
+    /// This generation's number: 0 when started by hand, +1 per upgrade.
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// The TCP listener `name`: inherited if the parent passed it, else
+    /// bound to `addr`. Non-blocking and close-on-exec.
+    pub fn tcp(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<(std::net::TcpListener, Origin), Error> {
+        self.listeners.tcp(name, addr)
+    }
+
+    /// The Unix listener `name`: inherited if the parent passed it, else
+    /// bound at `path` (a stale socket file there is replaced).
+    pub fn unix(&self, name: &str, path: &Path) -> Result<(UnixListener, Origin), Error> {
+        self.listeners.unix(name, path)
+    }
+
+    /// Tell the parent this generation serves, so it stops accepting and
+    /// drains. Inherited sockets nobody claimed are closed now. Without a
+    /// parent (generation 0, systemd) this only closes them.
+    pub fn ready(&self) -> Result<(), Error> {
+        for name in self.listeners.close_unclaimed() {
+            log::info!("closing inherited listener {name:?}: not used by this generation");
+        }
+        self.report(&[READY])
+    }
+
+    /// Tell the parent this generation cannot serve, and why; the parent
+    /// logs it and serves on. Call it, then exit.
+    pub fn report_error(&self, message: &str) -> Result<(), Error> {
+        let line = format!("{ERROR_PREFIX}{}\n", message.replace('\n', " "));
+        self.report(line.as_bytes())
+    }
+
+    fn report(&self, bytes: &[u8]) -> Result<(), Error> {
+        let fd = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match fd {
+            Some(fd) => sys::write_all(fd.as_fd(), bytes).map_err(Error::Report),
+            None => Ok(()),
+        }
+    }
+
+    /// Start the next generation with this generation's listeners.
+    pub fn start_upgrade(&self) -> Result<PendingUpgrade, UpgradeError> {
+        self.listeners
+            .with_handoff(|sockets| self.upgrader.start(sockets))
+    }
+
+    /// Record that the next generation serves: stops this one.
+    pub fn upgraded(&self, upgraded: &Upgraded) {
+        log::debug!("upgraded: {upgraded}");
+        self.stop.stop_with(StopReason::Upgraded);
+    }
+
+    /// The binary the next generation runs.
+    pub fn program(&self) -> &Path {
+        self.upgrader.program()
+    }
+
+    /// The token that stops this generation.
+    pub fn stop_token(&self) -> &StopToken {
+        &self.stop
+    }
+
+    /// The tracker of this generation's connections.
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+}
+
+fn adopt_ready_fd(fd: std::os::fd::RawFd) -> Result<OwnedFd, Error> {
+    let problem = |problem: String| Error::ReadyFd { fd, problem };
+    let owned = sys::adopt_inherited_fd(fd).map_err(|e| problem(e.to_string()))?;
+    if !sys::is_writable(owned.as_fd()).map_err(|e| problem(e.to_string()))? {
+        return Err(problem("not open for writing".to_owned()));
+    }
+    Ok(owned)
+}
+
+/// The path this process was started from, made absolute against the
+/// working directory at start-up, and not resolved through symlinks: after a
+/// deploy replaces the file, or a `current -> releases/v2` link is switched,
+/// the next generation runs the new release. (`/proc/self/exe` would name the
+/// old, possibly deleted, file.) Falls back to `/proc/self/exe` only when
+/// `argv[0]` leads nowhere.
+pub fn current_program() -> std::io::Result<PathBuf> {
+    let argv0 = std::env::args_os().next().map(PathBuf::from);
+    let found = argv0.and_then(|argv0| {
+        if argv0.as_os_str().as_encoded_bytes().contains(&b'/') {
+            std::env::current_dir().ok().map(|cwd| cwd.join(argv0))
+        } else {
+            search_path(&argv0)
+        }
+    });
+    match found {
+        Some(path) if path.is_file() => Ok(path),
+        _ => std::env::current_exe(),
+    }
+}
+
+/// Look `name` up in `$PATH`, as the shell did when it started us.
+fn search_path(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}

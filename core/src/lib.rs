@@ -1,0 +1,60 @@
+//! The runtime-free core of baton: zero-downtime graceful restart for Rust
+//! network servers.
+//!
+//! A running server starts its new binary, hands it the listening sockets,
+//! waits until the new process says it serves, then stops accepting,
+//! finishes its in-flight requests and exits. This crate holds everything
+//! that does not wait: the wire protocol ([`protocol`], systemd's
+//! `LISTEN_FDS` plus a readiness fd), adopting and binding listeners,
+//! fork/exec of the next generation and its state machine ([`upgrade`]),
+//! stop signalling ([`StopToken`]) and connection tracking ([`Tracker`]).
+//! Everything that waits is an fd or a future that a backend (`baton-tokio`,
+//! `baton-smol`, `baton-mio`) drives in its own reactor.
+//!
+//! The three traits a backend implements or uses are [`ListenerHandoff`],
+//! [`StopSignal`] and [`ConnectionState`].
+//!
+//! # Example
+//!
+//! A whole upgrade with a blocking wait, as a backend would drive it:
+//!
+//! ```no_run
+//! use std::task::Poll;
+//! use baton_core::{Config, Generation};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let generation = Generation::from_env(Config::default())?;
+//! let (listener, _origin) = generation.tcp("http", "127.0.0.1:8080".parse()?)?;
+//! generation.ready()?; // tell the parent, if any, that we serve
+//! // ... serve `listener` in your runtime; then, on SIGHUP:
+//! let mut pending = generation.start_upgrade()?;
+//! // A backend registers `pending` (it is `AsFd`) in its reactor and calls
+//! // `poll` when it is readable, or `time_out` at `pending.deadline()`.
+//! let upgraded = loop {
+//!     if let Poll::Ready(result) = pending.poll() {
+//!         break result?;
+//!     }
+//!     # break return Ok(());
+//! };
+//! generation.upgraded(&upgraded); // stops this generation: drain and exit
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod protocol;
+pub mod upgrade;
+
+mod error;
+mod generation;
+mod listeners;
+mod stop;
+mod sys;
+mod tracker;
+
+pub use error::Error;
+pub use generation::{current_program, Config, Generation};
+pub use listeners::{ListenSocket, ListenerHandoff, Origin, BACKLOG};
+pub use stop::{StopReason, StopSignal, StopToken};
+pub use sys::ExitStatus;
+pub use tracker::{Connection, ConnectionState, DrainReport, Tracker};
+pub use upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader};

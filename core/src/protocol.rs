@@ -1,0 +1,393 @@
+//! The wire protocol between generations, as pure functions.
+//!
+//! It is systemd's socket activation (`sd_listen_fds(3)`) plus two variables
+//! of our own, so a baton server runs unchanged under a systemd `.socket`
+//! unit and a baton parent can hand over to any program that speaks systemd's
+//! protocol:
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `LISTEN_FDS` | number of passed sockets, starting at fd 3 |
+//! | `LISTEN_PID` | the pid they are meant for; any other pid means "not for me" |
+//! | `LISTEN_FDNAMES` | colon-separated names, one per fd |
+//! | `BATON_READY_FD` | where the child reports readiness: `1`, or `error: <message>\n` |
+//! | `BATON_GENERATION` | 0 for a process started by hand, +1 per upgrade |
+//!
+//! Nothing here touches the process environment: reading takes a lookup
+//! function, writing returns the pairs to put in the child's environment.
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+
+/// Number of passed sockets.
+pub const LISTEN_FDS: &str = "LISTEN_FDS";
+/// Pid the passed sockets are meant for.
+pub const LISTEN_PID: &str = "LISTEN_PID";
+/// Colon-separated socket names.
+pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+/// Fd on which a baton child reports readiness.
+pub const BATON_READY_FD: &str = "BATON_READY_FD";
+/// Generation number of the process.
+pub const BATON_GENERATION: &str = "BATON_GENERATION";
+/// The first passed fd, as in systemd.
+pub const FIRST_FD: RawFd = 3;
+/// The name systemd gives a socket that was passed without one.
+pub const UNNAMED: &str = "unknown";
+/// More sockets than this is a corrupt environment, not a real deployment.
+pub const MAX_FDS: usize = 1024;
+
+/// Why the protocol variables could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A variable is not valid Unicode or not a number where one is needed.
+    #[error("{name} has an invalid value {value:?}")]
+    InvalidValue {
+        /// The variable.
+        name: &'static str,
+        /// What it held.
+        value: String,
+    },
+    /// `LISTEN_FDS` is larger than [`MAX_FDS`].
+    #[error("LISTEN_FDS is {0}, more than the {MAX_FDS} baton accepts")]
+    TooManyFds(usize),
+    /// `LISTEN_FDNAMES` has a different number of names than `LISTEN_FDS`.
+    #[error("LISTEN_FDNAMES has {names} names but LISTEN_FDS is {fds}")]
+    NameCount {
+        /// Names given.
+        names: usize,
+        /// Fds declared.
+        fds: usize,
+    },
+    /// The readiness fd is one of the passed sockets or below fd 3.
+    #[error("BATON_READY_FD {ready_fd} collides with stdio or a passed socket (fds 3..{end})")]
+    ReadyFdCollides {
+        /// The readiness fd.
+        ready_fd: RawFd,
+        /// One past the last passed socket.
+        end: RawFd,
+    },
+    /// A socket name cannot be passed: empty, too long, or with `:` or a
+    /// control character.
+    #[error("invalid socket name {0:?}: 1 to 255 printable characters, no ':'")]
+    InvalidName(String),
+}
+
+/// What a parent passed to this process, read from its environment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Passed {
+    /// One name per passed fd, fd 3 first; [`UNNAMED`] where none was given.
+    pub names: Vec<String>,
+    /// Where to report readiness, when the parent is a baton process.
+    pub ready_fd: Option<RawFd>,
+    /// Generation of this process: 0 when started by hand or by systemd.
+    pub generation: u64,
+}
+
+impl Passed {
+    /// The fd number of the `index`-th passed socket.
+    pub fn fd(index: usize) -> RawFd {
+        FIRST_FD + index as RawFd
+    }
+}
+
+/// Read the protocol from an environment lookup, for the process `my_pid`.
+///
+/// Returns an empty [`Passed`] (generation 0, no sockets) when `LISTEN_PID`
+/// is absent or names another process: the variables were then inherited by
+/// accident, and systemd's rule is to ignore them.
+pub fn parse(
+    lookup: impl Fn(&str) -> Option<OsString>,
+    my_pid: u32,
+) -> Result<Passed, ProtocolError> {
+    let var = |name: &'static str| -> Result<Option<String>, ProtocolError> {
+        match lookup(name) {
+            None => Ok(None),
+            Some(value) => {
+                value
+                    .into_string()
+                    .map(Some)
+                    .map_err(|value| ProtocolError::InvalidValue {
+                        name,
+                        value: value.to_string_lossy().into_owned(),
+                    })
+            }
+        }
+    };
+    let number = |name: &'static str| -> Result<Option<u64>, ProtocolError> {
+        var(name)?
+            .map(|value| {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| ProtocolError::InvalidValue { name, value })
+            })
+            .transpose()
+    };
+
+    match number(LISTEN_PID)? {
+        Some(pid) if pid == u64::from(my_pid) => {}
+        _ => return Ok(Passed::default()),
+    }
+    let count = number(LISTEN_FDS)?.unwrap_or(0);
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    if count > MAX_FDS {
+        return Err(ProtocolError::TooManyFds(count));
+    }
+    let names = match var(LISTEN_FDNAMES)? {
+        None => vec![UNNAMED.to_owned(); count],
+        Some(joined) => {
+            let names: Vec<String> = if joined.is_empty() {
+                Vec::new()
+            } else {
+                joined.split(':').map(str::to_owned).collect()
+            };
+            if names.len() != count {
+                return Err(ProtocolError::NameCount {
+                    names: names.len(),
+                    fds: count,
+                });
+            }
+            names
+        }
+    };
+    let end = Passed::fd(count);
+    let ready_fd = match number(BATON_READY_FD)? {
+        None => None,
+        Some(fd) => {
+            let fd = RawFd::try_from(fd).map_err(|_| ProtocolError::InvalidValue {
+                name: BATON_READY_FD,
+                value: fd.to_string(),
+            })?;
+            if fd < end {
+                return Err(ProtocolError::ReadyFdCollides { ready_fd: fd, end });
+            }
+            Some(fd)
+        }
+    };
+    let generation = number(BATON_GENERATION)?.unwrap_or(0);
+    Ok(Passed {
+        names,
+        ready_fd,
+        generation,
+    })
+}
+
+/// True for the variables this protocol owns: a parent strips them from the
+/// environment it passes on, so a stale value never reaches the child.
+pub fn is_protocol_var(name: &str) -> bool {
+    matches!(
+        name,
+        LISTEN_FDS | LISTEN_PID | LISTEN_FDNAMES | BATON_READY_FD | BATON_GENERATION
+    )
+}
+
+/// Check that `name` can travel in `LISTEN_FDNAMES` (systemd's rule: at most
+/// 255 printable ASCII characters, no `:`).
+pub fn validate_name(name: &str) -> Result<(), ProtocolError> {
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    if valid {
+        Ok(())
+    } else {
+        Err(ProtocolError::InvalidName(name.to_owned()))
+    }
+}
+
+/// The protocol variables for a child that gets `names.len()` sockets at
+/// fds 3.. and reports readiness on `3 + names.len()`. `LISTEN_PID` is not
+/// among them: only the child knows its pid, and it writes it itself
+/// between fork and exec.
+pub fn child_vars(
+    names: &[&str],
+    generation: u64,
+) -> Result<Vec<(&'static str, String)>, ProtocolError> {
+    for name in names {
+        validate_name(name)?;
+    }
+    Ok(vec![
+        (LISTEN_FDS, names.len().to_string()),
+        (LISTEN_FDNAMES, names.join(":")),
+        (BATON_READY_FD, Passed::fd(names.len()).to_string()),
+        (BATON_GENERATION, generation.to_string()),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let map: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn nothing_passed_without_listen_pid() {
+        let passed = parse(env(&[("LISTEN_FDS", "2")]), 42).unwrap();
+        assert_eq!(passed, Passed::default());
+    }
+
+    #[test]
+    fn another_pid_means_not_for_me() {
+        let vars = env(&[
+            ("LISTEN_PID", "41"),
+            ("LISTEN_FDS", "2"),
+            ("BATON_GENERATION", "7"),
+        ]);
+        assert_eq!(parse(vars, 42).unwrap(), Passed::default());
+    }
+
+    #[test]
+    fn systemd_style_without_names_or_baton_vars() {
+        let passed = parse(env(&[("LISTEN_PID", "42"), ("LISTEN_FDS", "2")]), 42).unwrap();
+        assert_eq!(passed.names, vec!["unknown", "unknown"]);
+        assert_eq!(passed.ready_fd, None);
+        assert_eq!(passed.generation, 0);
+    }
+
+    #[test]
+    fn full_baton_environment() {
+        let vars = env(&[
+            ("LISTEN_PID", "42"),
+            ("LISTEN_FDS", "2"),
+            ("LISTEN_FDNAMES", "http:control"),
+            ("BATON_READY_FD", "5"),
+            ("BATON_GENERATION", "3"),
+        ]);
+        let passed = parse(vars, 42).unwrap();
+        assert_eq!(passed.names, vec!["http", "control"]);
+        assert_eq!(passed.ready_fd, Some(5));
+        assert_eq!(passed.generation, 3);
+    }
+
+    #[test]
+    fn zero_fds_with_empty_names() {
+        let vars = env(&[
+            ("LISTEN_PID", "42"),
+            ("LISTEN_FDS", "0"),
+            ("LISTEN_FDNAMES", ""),
+        ]);
+        assert!(parse(vars, 42).unwrap().names.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let cases: &[(&[(&str, &str)], ProtocolError)] = &[
+            (
+                &[("LISTEN_PID", "x")],
+                ProtocolError::InvalidValue {
+                    name: LISTEN_PID,
+                    value: "x".into(),
+                },
+            ),
+            (
+                &[("LISTEN_PID", "42"), ("LISTEN_FDS", "-1")],
+                ProtocolError::InvalidValue {
+                    name: LISTEN_FDS,
+                    value: "-1".into(),
+                },
+            ),
+            (
+                &[("LISTEN_PID", "42"), ("LISTEN_FDS", "5000")],
+                ProtocolError::TooManyFds(5000),
+            ),
+            (
+                &[
+                    ("LISTEN_PID", "42"),
+                    ("LISTEN_FDS", "2"),
+                    ("LISTEN_FDNAMES", "http"),
+                ],
+                ProtocolError::NameCount { names: 1, fds: 2 },
+            ),
+            (
+                &[
+                    ("LISTEN_PID", "42"),
+                    ("LISTEN_FDS", "2"),
+                    ("BATON_READY_FD", "4"),
+                ],
+                ProtocolError::ReadyFdCollides {
+                    ready_fd: 4,
+                    end: 5,
+                },
+            ),
+            (
+                &[("LISTEN_PID", "42"), ("BATON_READY_FD", "1")],
+                ProtocolError::ReadyFdCollides {
+                    ready_fd: 1,
+                    end: 3,
+                },
+            ),
+            (
+                &[("LISTEN_PID", "42"), ("BATON_GENERATION", "1.5")],
+                ProtocolError::InvalidValue {
+                    name: BATON_GENERATION,
+                    value: "1.5".into(),
+                },
+            ),
+        ];
+        for (vars, expected) in cases {
+            assert_eq!(parse(env(vars), 42).unwrap_err(), *expected, "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn child_vars_round_trip_through_parse() {
+        let vars = child_vars(&["http", "control"], 4).unwrap();
+        let mut pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        pairs.push(("LISTEN_PID", "9"));
+        let passed = parse(env(&pairs), 9).unwrap();
+        assert_eq!(passed.names, vec!["http", "control"]);
+        assert_eq!(passed.ready_fd, Some(5));
+        assert_eq!(passed.generation, 4);
+    }
+
+    #[test]
+    fn names_that_cannot_travel_are_refused() {
+        for bad in ["", "a:b", "with space", "tab\t", &"x".repeat(256)] {
+            assert!(child_vars(&[bad], 1).is_err(), "{bad:?}");
+        }
+        assert!(child_vars(&["http-1.v2_ok"], 1).is_ok());
+    }
+
+    #[test]
+    fn protocol_vars_are_recognised() {
+        for name in [
+            LISTEN_FDS,
+            LISTEN_PID,
+            LISTEN_FDNAMES,
+            BATON_READY_FD,
+            BATON_GENERATION,
+        ] {
+            assert!(is_protocol_var(name));
+        }
+        assert!(!is_protocol_var("NOTIFY_SOCKET"));
+        assert!(!is_protocol_var("PATH"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn parse_never_panics(
+            fds in proptest::option::of(".{0,12}"),
+            names in proptest::option::of(".{0,40}"),
+            ready in proptest::option::of(".{0,12}"),
+            generation in proptest::option::of(".{0,12}"),
+        ) {
+            let mut pairs = vec![("LISTEN_PID".to_string(), "7".to_string())];
+            for (k, v) in [(LISTEN_FDS, fds), (LISTEN_FDNAMES, names), (BATON_READY_FD, ready), (BATON_GENERATION, generation)] {
+                if let Some(v) = v { pairs.push((k.to_string(), v)); }
+            }
+            let map: HashMap<String, OsString> = pairs.into_iter().map(|(k, v)| (k, v.into())).collect();
+            if let Ok(passed) = parse(|n| map.get(n).cloned(), 7) {
+                if let Some(fd) = passed.ready_fd {
+                    proptest::prop_assert!(fd >= Passed::fd(passed.names.len()));
+                }
+            }
+        }
+    }
+}

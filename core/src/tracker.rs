@@ -1,0 +1,321 @@
+//! Connection tracking: what the drain needs to know about every connection.
+//!
+//! Each accepted connection holds a [`Connection`] guard and says when it is
+//! busy (a request in progress) and when it is idle. After stop, the drain
+//! waits until every guard is dropped ([`Tracker::empty`]); at its deadline it
+//! calls [`Tracker::force_close`], which connection tasks observe through
+//! [`Tracker::forced`] and close. The [`DrainReport`] counts how each
+//! connection ended after stop.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use event_listener::Event;
+
+use crate::stop::{StopSignal, StopToken};
+
+/// The connection-tracking trait: what a connection tells the drain. The
+/// core's [`Connection`] guard implements it; a backend with its own
+/// connection type (the mio state machines) may forward to one.
+pub trait ConnectionState {
+    /// A request has started: the drain must let it finish.
+    fn set_busy(&mut self);
+    /// The last request was answered: the drain may close the connection.
+    fn set_idle(&mut self);
+    /// True while a request is in progress.
+    fn is_busy(&self) -> bool;
+}
+
+/// How the connections open at stop ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections open when the drain started.
+    pub open_at_start: usize,
+    /// Finished a request after stop, answered it with `Connection: close`.
+    pub finished: usize,
+    /// Closed while idle (no request came within the grace period).
+    pub closed_idle: usize,
+    /// Still busy at the deadline and closed by force.
+    pub forced: usize,
+}
+
+impl fmt::Display for DrainReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} finished / {} closed idle / {} forced",
+            self.finished, self.closed_idle, self.forced
+        )
+    }
+}
+
+/// Counts open and busy connections, and how they ended after stop.
+#[derive(Clone)]
+pub struct Tracker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    stop: StopToken,
+    open: AtomicUsize,
+    busy: AtomicUsize,
+    open_at_stop: AtomicUsize,
+    finished: AtomicUsize,
+    closed_idle: AtomicUsize,
+    forced: AtomicUsize,
+    force: AtomicBool,
+    /// Notified when `open` drops to zero and when `force` is set.
+    changed: Event,
+}
+
+impl fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracker")
+            .field("open", &self.open())
+            .field("busy", &self.busy())
+            .field("forced", &self.is_forced())
+            .finish()
+    }
+}
+
+impl Tracker {
+    /// A tracker whose drain starts when `stop` is stopped.
+    pub fn new(stop: StopToken) -> Self {
+        let inner = Arc::new(Inner {
+            stop: stop.clone(),
+            open: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            open_at_stop: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            closed_idle: AtomicUsize::new(0),
+            forced: AtomicUsize::new(0),
+            force: AtomicBool::new(false),
+            changed: Event::new(),
+        });
+        // Remember how many were open when the drain began, for the report.
+        let weak = Arc::downgrade(&inner);
+        stop.on_stop(move || {
+            if let Some(inner) = weak.upgrade() {
+                let open = inner.open.load(Ordering::SeqCst);
+                inner.open_at_stop.store(open, Ordering::SeqCst);
+            }
+        });
+        Tracker { inner }
+    }
+
+    /// Start tracking a newly accepted connection. It starts idle.
+    #[must_use = "the connection is tracked only while the guard lives"]
+    pub fn track(&self) -> Connection {
+        self.inner.open.fetch_add(1, Ordering::SeqCst);
+        Connection {
+            tracker: self.clone(),
+            busy: false,
+            served_after_stop: false,
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.inner.open.load(Ordering::SeqCst)
+    }
+
+    /// Connections with a request in progress now.
+    pub fn busy(&self) -> usize {
+        self.inner.busy.load(Ordering::SeqCst)
+    }
+
+    /// Tell every connection to close now, busy or not: the drain deadline
+    /// has passed.
+    pub fn force_close(&self) {
+        self.inner.force.store(true, Ordering::SeqCst);
+        self.inner.changed.notify(usize::MAX);
+    }
+
+    /// True once [`force_close`](Self::force_close) was called.
+    pub fn is_forced(&self) -> bool {
+        self.inner.force.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when [`force_close`](Self::force_close) is called. Any executor.
+    pub async fn forced(&self) {
+        self.wait_until(Self::is_forced).await;
+    }
+
+    /// Resolves when no connection is open. Any executor.
+    pub async fn empty(&self) {
+        self.wait_until(|t| t.open() == 0).await;
+    }
+
+    async fn wait_until(&self, done: impl Fn(&Self) -> bool) {
+        // Check, listen, check again, so a change between the two is not lost.
+        while !done(self) {
+            let listener = self.inner.changed.listen();
+            if done(self) {
+                break;
+            }
+            listener.await;
+        }
+    }
+
+    /// How the connections open at stop have ended so far.
+    pub fn report(&self) -> DrainReport {
+        DrainReport {
+            open_at_start: self.inner.open_at_stop.load(Ordering::SeqCst),
+            finished: self.inner.finished.load(Ordering::SeqCst),
+            closed_idle: self.inner.closed_idle.load(Ordering::SeqCst),
+            forced: self.inner.forced.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// The guard of one tracked connection. Dropping it closes the books on the
+/// connection: after stop, it is counted as finished, closed idle or forced.
+#[derive(Debug)]
+#[must_use = "the connection is tracked only while the guard lives"]
+pub struct Connection {
+    tracker: Tracker,
+    busy: bool,
+    served_after_stop: bool,
+}
+
+impl ConnectionState for Connection {
+    fn set_busy(&mut self) {
+        if !self.busy {
+            self.busy = true;
+            self.tracker.inner.busy.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn set_idle(&mut self) {
+        if self.busy {
+            self.busy = false;
+            self.tracker.inner.busy.fetch_sub(1, Ordering::SeqCst);
+            if self.tracker.inner.stop.is_stopped() {
+                self.served_after_stop = true;
+            }
+        }
+    }
+
+    fn is_busy(&self) -> bool {
+        self.busy
+    }
+}
+
+impl Connection {
+    /// True once the server is stopping: the connection should answer its
+    /// current request with `Connection: close`, or close if idle.
+    pub fn is_draining(&self) -> bool {
+        self.tracker.inner.stop.is_stopped()
+    }
+
+    /// The tracker this connection belongs to, to wait for [`Tracker::forced`].
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let inner = &self.tracker.inner;
+        if self.busy {
+            inner.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+        if inner.stop.is_stopped() {
+            let counter = if self.busy {
+                &inner.forced
+            } else if self.served_after_stop {
+                &inner.finished
+            } else {
+                &inner.closed_idle
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+        if inner.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            inner.changed.notify(usize::MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_open_and_busy() {
+        let tracker = Tracker::new(StopToken::new());
+        let mut a = tracker.track();
+        let _b = tracker.track();
+        assert_eq!((tracker.open(), tracker.busy()), (2, 0));
+        a.set_busy();
+        a.set_busy();
+        assert_eq!(tracker.busy(), 1);
+        drop(a);
+        assert_eq!((tracker.open(), tracker.busy()), (1, 0));
+    }
+
+    #[test]
+    fn report_classifies_connections_after_stop() {
+        let stop = StopToken::new();
+        let tracker = Tracker::new(stop.clone());
+        let before = tracker.track();
+        drop(before); // closed before stop: not in the report
+        let idle = tracker.track();
+        let mut finishing = tracker.track();
+        finishing.set_busy();
+        let mut stuck = tracker.track();
+        stuck.set_busy();
+        stop.stop();
+        assert!(idle.is_draining());
+        finishing.set_idle();
+        drop(finishing);
+        drop(idle);
+        tracker.force_close();
+        drop(stuck);
+        assert_eq!(
+            tracker.report(),
+            DrainReport {
+                open_at_start: 3,
+                finished: 1,
+                closed_idle: 1,
+                forced: 1
+            }
+        );
+        assert_eq!(
+            tracker.report().to_string(),
+            "1 finished / 1 closed idle / 1 forced"
+        );
+    }
+
+    #[test]
+    fn empty_resolves_when_last_connection_closes() {
+        let tracker = Tracker::new(StopToken::new());
+        let conn = tracker.track();
+        let waiter = {
+            let tracker = tracker.clone();
+            std::thread::spawn(move || block_on(tracker.empty()))
+        };
+        drop(conn);
+        waiter.join().unwrap();
+        block_on(tracker.empty()); // already empty: returns at once
+    }
+
+    fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                return out;
+            }
+            std::thread::park();
+        }
+    }
+}
