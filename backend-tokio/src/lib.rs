@@ -1,1 +1,293 @@
-//! baton over tokio.
+//! Zero-downtime graceful restart for tokio servers.
+//!
+//! `baton-tokio` drives [`baton_core`] with tokio: the next generation's
+//! readiness fd is a tokio pipe [`Receiver`], the upgrade
+//! timeout and drain deadline are tokio timers, signals come from
+//! [`tokio::signal`]. The application writes a few lines: get listeners by
+//! name, report ready, serve until stopped, drain.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use baton_tokio::{Baton, Config, Signal};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let baton = Baton::from_env(Config::default())?;
+//!     // Inherited from the previous generation if it passed "http", else bound.
+//!     let listener = baton.listen("http", &"127.0.0.1:8080".parse()?)?;
+//!     let mut signals = baton.signals()?;
+//!
+//!     let stop = baton.stop_token();
+//!     let tracker = baton.tracker();
+//!     tokio::spawn(async move {
+//!         loop {
+//!             let stream = tokio::select! {
+//!                 accepted = listener.accept() => accepted,
+//!                 _ = stop.stopped() => break, // stop accepting; drop the listener
+//!             };
+//!             let Ok(stream) = stream else { continue };
+//!             let mut conn = tracker.track();
+//!             tokio::spawn(async move {
+//!                 // serve `stream`: conn.set_busy() while a request runs,
+//!                 // conn.set_idle() after it; close when conn.is_draining().
+//!                 let _ = (&mut conn, stream);
+//!             });
+//!         }
+//!     });
+//!     baton.ready()?; // the previous generation stops now
+//!
+//!     while let Some(signal) = signals.recv().await {
+//!         match signal {
+//!             Signal::Upgrade => match baton.upgrade().await {
+//!                 Ok(upgraded) => eprintln!("upgraded: {upgraded}"),
+//!                 Err(e) => eprintln!("upgrade failed, still serving: {e}"),
+//!             },
+//!             Signal::Stop => baton.stop(),
+//!         }
+//!         if baton.is_stopped() {
+//!             break;
+//!         }
+//!     }
+//!     let report = baton.drain(Duration::from_secs(30)).await;
+//!     eprintln!("drained: {report}");
+//!     Ok(())
+//! }
+//! ```
+#![forbid(unsafe_code)]
+
+mod listener;
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::net::unix::pipe::Receiver;
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use baton_core::{
+    Config, Connection, ConnectionState, DrainReport, Error, ListenAddr, Origin, StopReason,
+    StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
+};
+pub use listener::{Listener, Stream};
+
+/// How long connections get to close after the drain deadline forced them.
+const FORCE_GRACE: Duration = Duration::from_secs(1);
+
+/// One generation of a tokio server. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Baton {
+    generation: Arc<baton_core::Generation>,
+}
+
+impl Baton {
+    /// Adopt what the previous generation (or systemd) passed, if anything.
+    pub fn from_env(config: Config) -> Result<Self, Error> {
+        Ok(Baton {
+            generation: Arc::new(baton_core::Generation::from_env(config)?),
+        })
+    }
+
+    /// This generation's number: 0 when started by hand, +1 per upgrade.
+    pub fn generation(&self) -> u64 {
+        self.generation.number()
+    }
+
+    /// The listener `name`: inherited if the previous generation passed it,
+    /// else bound to `addr`. Must be called inside a tokio runtime.
+    pub fn listen(&self, name: &str, addr: &ListenAddr) -> Result<Listener, Error> {
+        Ok(self.listen_with_origin(name, addr)?.0)
+    }
+
+    /// Like [`listen`](Self::listen), and says whether the socket was
+    /// inherited or bound, for the log.
+    pub fn listen_with_origin(
+        &self,
+        name: &str,
+        addr: &ListenAddr,
+    ) -> Result<(Listener, Origin), Error> {
+        let (socket, origin) = self.generation.listen(name, addr)?;
+        let listener =
+            baton_core::ListenerHandoff::from_listen_socket(socket).map_err(|source| {
+                Error::Listen {
+                    name: name.to_owned(),
+                    addr: addr.to_string(),
+                    source,
+                }
+            })?;
+        Ok((listener, origin))
+    }
+
+    /// Report to the parent that this generation serves: call it once the
+    /// listeners accept. The parent then stops accepting and drains.
+    pub fn ready(&self) -> Result<(), Error> {
+        self.generation.ready()
+    }
+
+    /// Report to the parent that this generation cannot serve, and why.
+    /// The parent logs it and serves on; exit after calling this.
+    pub fn report_error(&self, message: &str) -> Result<(), Error> {
+        self.generation.report_error(message)
+    }
+
+    /// Start the next generation and wait until it reports ready; on
+    /// success this generation is stopped ([`StopReason::Upgraded`]).
+    /// The same as [`start_upgrade`](Self::start_upgrade) followed by
+    /// [`PendingUpgrade::ready`].
+    pub async fn upgrade(&self) -> Result<Upgraded, UpgradeError> {
+        self.start_upgrade()?.ready().await
+    }
+
+    /// Start the next generation. Fails at once if an upgrade is already
+    /// running, the server is stopping, or the binary cannot be executed.
+    pub fn start_upgrade(&self) -> Result<PendingUpgrade, UpgradeError> {
+        Ok(PendingUpgrade {
+            pending: self.generation.start_upgrade()?,
+            generation: self.generation.clone(),
+        })
+    }
+
+    /// Stop this generation: accept loops end, connections drain.
+    pub fn stop(&self) {
+        self.generation.stop_token().stop();
+    }
+
+    /// True once stopped, by an upgrade or a shutdown.
+    pub fn is_stopped(&self) -> bool {
+        self.generation.stop_token().is_stopped()
+    }
+
+    /// The token accept loops and connections wait on.
+    pub fn stop_token(&self) -> StopToken {
+        self.generation.stop_token().clone()
+    }
+
+    /// The tracker every accepted connection registers with.
+    pub fn tracker(&self) -> Tracker {
+        self.generation.tracker().clone()
+    }
+
+    /// `SIGHUP` as [`Signal::Upgrade`], `SIGTERM` and `SIGINT` as
+    /// [`Signal::Stop`]. Must be called inside a tokio runtime.
+    pub fn signals(&self) -> io::Result<Signals> {
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Wait until every tracked connection has closed, or `timeout` has
+    /// passed; then force the rest closed and report how they all ended.
+    /// Call it after the stop.
+    pub async fn drain(&self, timeout: Duration) -> DrainReport {
+        let tracker = self.tracker();
+        if tokio::time::timeout(timeout, tracker.empty())
+            .await
+            .is_err()
+        {
+            tracker.force_close();
+            // Connections close as soon as they see the force; the bound
+            // only guards against one stuck in a write the kernel holds.
+            let _ = tokio::time::timeout(FORCE_GRACE, tracker.empty()).await;
+        }
+        tracker.report()
+    }
+}
+
+/// A next generation that was started and has not reported yet.
+#[derive(Debug)]
+#[must_use = "dropping a pending upgrade kills the new process"]
+pub struct PendingUpgrade {
+    pending: baton_core::PendingUpgrade,
+    generation: Arc<baton_core::Generation>,
+}
+
+impl PendingUpgrade {
+    /// The new process's pid.
+    pub fn pid(&self) -> u32 {
+        self.pending.pid()
+    }
+
+    /// Wait until the new process reports ready; on success this generation
+    /// is stopped ([`StopReason::Upgraded`]). On any failure the new process
+    /// is killed and reaped, and this generation serves on.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes kills the new process; a
+    /// stop ([`Baton::stop`], SIGTERM) while it waits does the same and
+    /// returns [`UpgradeError::Stopping`].
+    pub async fn ready(self) -> Result<Upgraded, UpgradeError> {
+        let PendingUpgrade {
+            mut pending,
+            generation,
+        } = self;
+        let pid = pending.pid();
+        let deadline = tokio::time::Instant::from_std(pending.deadline());
+        let io_error = |source| UpgradeError::Io { pid, source };
+        // tokio watches a duplicate of the readiness pipe (the same open
+        // file description), and the core reads the report from its own fd.
+        let watch = pending.as_fd().try_clone_to_owned().map_err(io_error)?;
+        let watch = Receiver::from_owned_fd(watch).map_err(io_error)?;
+        let report = async {
+            loop {
+                watch.readable().await.map_err(io_error)?;
+                // try_io clears tokio's readiness when the core hit WouldBlock.
+                match watch.try_io(|| match pending.poll() {
+                    Poll::Ready(result) => Ok(result),
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }) {
+                    Ok(result) => return result,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(io_error(e)),
+                }
+            }
+        };
+        let stop = generation.stop_token().clone();
+        let result = tokio::select! {
+            result = tokio::time::timeout_at(deadline, report) => result,
+            _ = stop.stopped() => return Err(UpgradeError::Stopping),
+        };
+        let upgraded = match result {
+            Ok(result) => result?,
+            Err(_elapsed) => return Err(pending.time_out()),
+        };
+        generation.upgraded(&upgraded);
+        Ok(upgraded)
+    }
+}
+
+/// What a process signal asks of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// `SIGHUP`: start an upgrade.
+    Upgrade,
+    /// `SIGTERM` or `SIGINT`: stop gracefully.
+    Stop,
+}
+
+/// The process signals baton acts on, as a stream.
+#[derive(Debug)]
+pub struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// The next signal.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a signal not returned stays pending.
+    pub async fn recv(&mut self) -> Option<Signal> {
+        tokio::select! {
+            Some(()) = self.hangup.recv() => Some(Signal::Upgrade),
+            Some(()) = self.terminate.recv() => Some(Signal::Stop),
+            Some(()) = self.interrupt.recv() => Some(Signal::Stop),
+            else => None,
+        }
+    }
+}

@@ -1,17 +1,15 @@
 //! One generation of a server: what it inherited, and what it hands on.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::listeners::{Listeners, Origin};
+use crate::listeners::{ListenAddr, ListenSocket, Listeners, Origin};
 use crate::protocol;
-use crate::stop::{StopReason, StopToken};
+use crate::stop::{StopReason, StopSignal, StopToken};
 use crate::sys;
 use crate::tracker::Tracker;
 use crate::upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader, ERROR_PREFIX, READY};
@@ -113,20 +111,11 @@ impl Generation {
         self.number
     }
 
-    /// The TCP listener `name`: inherited if the parent passed it, else
-    /// bound to `addr`. Non-blocking and close-on-exec.
-    pub fn tcp(
-        &self,
-        name: &str,
-        addr: SocketAddr,
-    ) -> Result<(std::net::TcpListener, Origin), Error> {
-        self.listeners.tcp(name, addr)
-    }
-
-    /// The Unix listener `name`: inherited if the parent passed it, else
-    /// bound at `path` (a stale socket file there is replaced).
-    pub fn unix(&self, name: &str, path: &Path) -> Result<(UnixListener, Origin), Error> {
-        self.listeners.unix(name, path)
+    /// The listener `name`: inherited if the parent passed it, else bound
+    /// to `addr` (a stale Unix socket file there is replaced). Non-blocking
+    /// and close-on-exec; this generation keeps its own copy to hand on.
+    pub fn listen(&self, name: &str, addr: &ListenAddr) -> Result<(ListenSocket, Origin), Error> {
+        self.listeners.listen(name, addr)
     }
 
     /// Tell the parent this generation serves, so it stops accepting and
@@ -154,8 +143,12 @@ impl Generation {
         }
     }
 
-    /// Start the next generation with this generation's listeners.
+    /// Start the next generation with this generation's listeners. Refused
+    /// once this generation is stopping.
     pub fn start_upgrade(&self) -> Result<PendingUpgrade, UpgradeError> {
+        if self.stop.is_stopped() {
+            return Err(UpgradeError::Stopping);
+        }
         self.listeners
             .with_handoff(|sockets| self.upgrader.start(sockets))
     }

@@ -24,7 +24,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let generation = Generation::from_env(Config::default())?;
-//! let (listener, _origin) = generation.tcp("http", "127.0.0.1:8080".parse()?)?;
+//! let (listener, _origin) = generation.listen("http", &"127.0.0.1:8080".parse()?)?;
 //! generation.ready()?; // tell the parent, if any, that we serve
 //! // ... serve `listener` in your runtime; then, on SIGHUP:
 //! let mut pending = generation.start_upgrade()?;
@@ -53,7 +53,7 @@ mod tracker;
 
 pub use error::Error;
 pub use generation::{current_program, Config, Generation};
-pub use listeners::{ListenSocket, ListenerHandoff, Origin, BACKLOG};
+pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
 pub use stop::{StopReason, StopSignal, StopToken};
 pub use sys::ExitStatus;
 pub use tracker::{Connection, ConnectionState, DrainReport, Tracker};

@@ -44,13 +44,6 @@ pub trait ListenerHandoff: Sized {
     fn from_listen_socket(socket: ListenSocket) -> io::Result<Self>;
 }
 
-/// The kind of socket a caller asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Tcp,
-    Unix,
-}
-
 /// One socket of this process: its name and the fd kept for handoff.
 #[derive(Debug)]
 struct Held {
@@ -99,24 +92,22 @@ impl Listeners {
         })
     }
 
-    /// The TCP listener `name`: inherited if passed, else bound to `addr`.
-    pub(crate) fn tcp(
+    /// The listener `name`: inherited if passed, else bound to `addr`.
+    pub(crate) fn listen(
         &self,
         name: &str,
-        addr: SocketAddr,
-    ) -> Result<(std::net::TcpListener, Origin), Error> {
-        let (fd, origin) = self.claim(name, Kind::Tcp, &ListenAddr::Tcp(addr))?;
-        Ok((std::net::TcpListener::from(fd), origin))
-    }
-
-    /// The Unix listener `name`: inherited if passed, else bound at `path`.
-    pub(crate) fn unix(&self, name: &str, path: &Path) -> Result<(UnixListener, Origin), Error> {
-        let (fd, origin) = self.claim(name, Kind::Unix, &ListenAddr::Unix(path.to_owned()))?;
-        Ok((UnixListener::from(fd), origin))
+        addr: &ListenAddr,
+    ) -> Result<(ListenSocket, Origin), Error> {
+        let (fd, origin) = self.claim(name, addr)?;
+        let socket = match addr {
+            ListenAddr::Tcp(_) => ListenSocket::Tcp(std::net::TcpListener::from(fd)),
+            ListenAddr::Unix(_) => ListenSocket::Unix(UnixListener::from(fd)),
+        };
+        Ok((socket, origin))
     }
 
     /// Inherit or bind, keep one fd for handoff, return a duplicate.
-    fn claim(&self, name: &str, kind: Kind, addr: &ListenAddr) -> Result<(OwnedFd, Origin), Error> {
+    fn claim(&self, name: &str, addr: &ListenAddr) -> Result<(OwnedFd, Origin), Error> {
         protocol::validate_name(name)?;
         let listen_error = |source| Error::Listen {
             name: name.to_owned(),
@@ -130,7 +121,7 @@ impl Listeners {
                 "a listener of this name is already open",
             )));
         }
-        let (fd, origin) = match self.take_inherited(name, kind, addr)? {
+        let (fd, origin) = match self.take_inherited(name, addr)? {
             Some(fd) => (fd, Origin::Inherited),
             None => (addr.bind().map_err(listen_error)?, Origin::Bound),
         };
@@ -147,12 +138,7 @@ impl Listeners {
     /// the wrong kind is an error and stays in place; a socket of the right
     /// kind at another address (the operator changed `--listen`) is closed
     /// so the new address is bound.
-    fn take_inherited(
-        &self,
-        name: &str,
-        kind: Kind,
-        addr: &ListenAddr,
-    ) -> Result<Option<OwnedFd>, Error> {
+    fn take_inherited(&self, name: &str, addr: &ListenAddr) -> Result<Option<OwnedFd>, Error> {
         let mut inherited = lock(&self.inherited);
         let position = inherited.iter().position(|h| h.name == name).or_else(|| {
             inherited
@@ -163,7 +149,7 @@ impl Listeners {
             return Ok(None);
         };
         let fd = inherited[index].fd.as_fd();
-        check_listener(fd, kind).map_err(|problem| Error::Inherited {
+        check_listener(fd, addr).map_err(|problem| Error::Inherited {
             name: name.to_owned(),
             fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
             problem,
@@ -202,7 +188,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Validate that `fd` is a listening stream socket of `kind`, and make sure
 /// it is non-blocking: a runtime needs that, and it is the only direction in
 /// which baton ever changes a shared socket's flags.
-fn check_listener(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), String> {
+fn check_listener(fd: BorrowedFd<'_>, addr: &ListenAddr) -> Result<(), String> {
     let info = sys::socket_info(fd).map_err(|e| format!("not a socket: {e}"))?;
     if info.socket_type != libc::SOCK_STREAM {
         return Err(format!(
@@ -210,12 +196,12 @@ fn check_listener(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), String> {
             info.socket_type
         ));
     }
-    let family_ok = match kind {
-        Kind::Tcp => matches!(info.family, libc::AF_INET | libc::AF_INET6),
-        Kind::Unix => info.family == libc::AF_UNIX,
+    let (family_ok, wanted) = match addr {
+        ListenAddr::Tcp(_) => (matches!(info.family, libc::AF_INET | libc::AF_INET6), "TCP"),
+        ListenAddr::Unix(_) => (info.family == libc::AF_UNIX, "Unix"),
     };
     if !family_ok {
-        return Err(format!("address family {} is not {kind:?}", info.family));
+        return Err(format!("address family {} is not {wanted}", info.family));
     }
     if !info.listening {
         return Err("socket is not listening".to_owned());
@@ -228,11 +214,28 @@ fn check_listener(fd: BorrowedFd<'_>, kind: Kind) -> Result<(), String> {
     Ok(())
 }
 
-/// An address to listen on.
-#[derive(Debug, Clone)]
-enum ListenAddr {
+/// An address to listen on: `127.0.0.1:8080`, `[::1]:8080` or `unix:/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address; port 0 picks a free port.
     Tcp(SocketAddr),
+    /// A Unix socket path.
     Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a path, as in unix:/run/app.sock".to_owned()),
+            Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
+            None => s
+                .parse()
+                .map(ListenAddr::Tcp)
+                .map_err(|_| format!("{s:?} is neither IP:PORT nor unix:/path")),
+        }
+    }
 }
 
 impl std::fmt::Display for ListenAddr {
@@ -315,10 +318,35 @@ mod tests {
         "127.0.0.1:0".parse().unwrap()
     }
 
+    fn tcp(
+        listeners: &Listeners,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<(std::net::TcpListener, Origin), Error> {
+        match listeners.listen(name, &ListenAddr::Tcp(addr))? {
+            (ListenSocket::Tcp(l), origin) => Ok((l, origin)),
+            other => panic!("not TCP: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!(
+            "unix:/run/a.sock".parse(),
+            Ok(ListenAddr::Unix("/run/a.sock".into()))
+        );
+        assert_eq!(
+            "[::1]:80".parse(),
+            Ok(ListenAddr::Tcp("[::1]:80".parse().unwrap()))
+        );
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("localhost:80".parse::<ListenAddr>().is_err());
+    }
+
     #[test]
     fn bound_listener_is_nonblocking_cloexec_and_held_for_handoff() {
         let listeners = Listeners::default();
-        let (listener, origin) = listeners.tcp("http", loopback()).unwrap();
+        let (listener, origin) = tcp(&listeners, "http", loopback()).unwrap();
         assert_eq!(origin, Origin::Bound);
         assert!(sys::is_nonblocking(listener.as_fd()).unwrap());
         assert!(sys::is_cloexec(listener.as_fd()).unwrap());
@@ -332,8 +360,8 @@ mod tests {
     #[test]
     fn a_name_is_claimed_once() {
         let listeners = Listeners::default();
-        let _first = listeners.tcp("http", loopback()).unwrap();
-        let err = listeners.tcp("http", loopback()).unwrap_err();
+        let _first = tcp(&listeners, "http", loopback()).unwrap();
+        let err = tcp(&listeners, "http", loopback()).unwrap_err();
         assert!(err.to_string().contains("already open"), "{err}");
     }
 
@@ -349,9 +377,11 @@ mod tests {
             held: Mutex::default(),
         };
         let dir = std::env::temp_dir().join(format!("baton-kind-{}", std::process::id()));
-        let err = listeners.unix("http", &dir).unwrap_err();
+        let err = listeners
+            .listen("http", &ListenAddr::Unix(dir))
+            .unwrap_err();
         assert!(err.to_string().contains("is not Unix"), "{err}");
-        let (adopted, origin) = listeners.tcp("http", addr).unwrap();
+        let (adopted, origin) = tcp(&listeners, "http", addr).unwrap();
         assert_eq!(origin, Origin::Inherited);
         assert_eq!(adopted.local_addr().unwrap(), addr);
         assert!(
@@ -371,7 +401,7 @@ mod tests {
             }]),
             held: Mutex::default(),
         };
-        let (adopted, origin) = listeners.tcp("http", addr).unwrap();
+        let (adopted, origin) = tcp(&listeners, "http", addr).unwrap();
         assert_eq!(
             (adopted.local_addr().unwrap(), origin),
             (addr, Origin::Inherited)
@@ -391,7 +421,7 @@ mod tests {
         let other = std::net::TcpListener::bind(loopback()).unwrap();
         let wanted = other.local_addr().unwrap();
         drop(other);
-        let (bound, origin) = listeners.tcp("http", wanted).unwrap();
+        let (bound, origin) = tcp(&listeners, "http", wanted).unwrap();
         assert_eq!(
             (bound.local_addr().unwrap(), origin),
             (wanted, Origin::Bound)
@@ -409,7 +439,7 @@ mod tests {
             }]),
             held: Mutex::default(),
         };
-        let err = listeners.tcp("http", loopback()).unwrap_err();
+        let err = tcp(&listeners, "http", loopback()).unwrap_err();
         assert!(err.to_string().contains("not listening"), "{err}");
     }
 
@@ -419,8 +449,12 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         drop(UnixListener::bind(&path).unwrap()); // leaves a stale file behind
         let listeners = Listeners::default();
-        let (_live, _) = listeners.unix("api", &path).unwrap();
-        let err = Listeners::default().unix("api", &path).unwrap_err();
+        let (_live, _) = listeners
+            .listen("api", &ListenAddr::Unix(path.clone()))
+            .unwrap();
+        let err = Listeners::default()
+            .listen("api", &ListenAddr::Unix(path.clone()))
+            .unwrap_err();
         assert!(err.to_string().contains("another process"), "{err}");
         std::fs::remove_file(&path).unwrap();
     }

@@ -115,6 +115,11 @@ impl Tracker {
         }
     }
 
+    /// The token whose stop starts the drain.
+    pub fn stop_token(&self) -> &StopToken {
+        &self.inner.stop
+    }
+
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.inner.open.load(Ordering::SeqCst)

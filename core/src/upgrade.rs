@@ -41,6 +41,10 @@ pub enum UpgradeError {
         /// The child of the running upgrade.
         pid: u32,
     },
+    /// The server is stopping: an upgrade is refused, and one pending is
+    /// abandoned (its process killed).
+    #[error("the server is stopping")]
+    Stopping,
     /// The binary to start is missing or not executable.
     #[error("cannot start {}: {source}", path.display())]
     Binary {

@@ -1,5 +1,27 @@
 //! baton-demo: an HTTP/1.1 server that upgrades itself without dropping a
 //! request, and the load client that proves it.
+//!
+//! The HTTP handling is one sans-IO module ([`http`]) that every backend
+//! drives, so comparing backends compares runtimes, not HTTP stacks.
 
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod cli;
+pub mod events;
 pub mod http;
 pub mod load;
+
+/// Run the server with the backend `options` selects, until it has upgraded
+/// or stopped and drained. Errors are logged before `Err` is returned.
+pub fn run(options: &cli::Options) -> Result<(), ()> {
+    let backend = options.backend().map_err(events::fatal)?;
+    match backend {
+        #[cfg(feature = "tokio")]
+        "tokio" => backend::tokio::run(options),
+        other => {
+            events::fatal(format_args!("backend {other:?} is not compiled in"));
+            Err(())
+        }
+    }
+}

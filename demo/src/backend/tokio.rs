@@ -1,0 +1,272 @@
+//! The demo server over baton-tokio.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_tokio::{Baton, Config, ConnectionState, Listener, Signal, Stream, UpgradeError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+use crate::cli::Options;
+use crate::events::{self, Events};
+use crate::http::{self, Action, RequestReader, ServerInfo};
+
+const BACKEND: &str = "tokio";
+
+/// Serve until upgraded or stopped, then drain. Errors are logged.
+pub fn run(options: &Options) -> Result<(), ()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| events::fatal(format_args!("cannot start the tokio runtime: {e}")))?;
+    runtime.block_on(serve(options))
+}
+
+async fn serve(options: &Options) -> Result<(), ()> {
+    let config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    let baton = Baton::from_env(config).map_err(events::fatal)?;
+    let events = Events::new(baton.generation(), BACKEND);
+    events.install_as_logger();
+    let fail = |message: String| {
+        events.emit(format_args!("error: {message}"));
+        // Tell the previous generation why, so its upgrade fails with it.
+        let _ = baton.report_error(&message);
+    };
+
+    let info = Arc::new(ServerInfo {
+        pid: std::process::id(),
+        generation: baton.generation(),
+        backend: BACKEND,
+    });
+    let mut accept_loops = Vec::new();
+    for (index, addr) in options.listen.iter().enumerate() {
+        let name = Options::listener_name(index);
+        let (listener, origin) = baton
+            .listen_with_origin(&name, addr)
+            .map_err(|e| fail(e.to_string()))?;
+        let local = listener.local_addr().unwrap_or_else(|_| addr.to_string());
+        let origin = match origin {
+            baton_tokio::Origin::Inherited => "inherited",
+            baton_tokio::Origin::Bound => "bound",
+        };
+        events.emit(format_args!("listening on {local} ({name}, {origin})"));
+        accept_loops.push(tokio::spawn(accept_loop(
+            listener,
+            baton.clone(),
+            info.clone(),
+            options.clone(),
+            events.clone(),
+        )));
+    }
+    let mut signals = baton
+        .signals()
+        .map_err(|e| fail(format!("cannot handle signals: {e}")))?;
+    if let Err(e) = baton.ready() {
+        events.emit(format_args!("warning: {e}; serving anyway"));
+    }
+    events.emit("serving");
+
+    let stop = baton.stop_token();
+    let mut upgrade: Option<JoinHandle<()>> = None;
+    loop {
+        tokio::select! {
+            signal = signals.recv() => match signal {
+                Some(Signal::Upgrade) => match baton.start_upgrade() {
+                    Ok(pending) => {
+                        events.emit(format_args!("upgrade started: new process {}", pending.pid()));
+                        let events = events.clone();
+                        upgrade = Some(tokio::spawn(async move {
+                            match pending.ready().await {
+                                Ok(done) => events.emit(format_args!(
+                                    "upgrade done: pid {} generation {} ready after {} ms",
+                                    done.pid, done.generation, done.time_to_ready.as_millis()
+                                )),
+                                Err(UpgradeError::Stopping) => {
+                                    events.emit("upgrade abandoned: the server is stopping")
+                                }
+                                Err(e) => events.emit(format_args!("upgrade failed: {e}; still serving")),
+                            }
+                        }));
+                    }
+                    Err(e) => events.emit(format_args!("upgrade failed: {e}; still serving")),
+                },
+                Some(Signal::Stop) => {
+                    events.emit("stopping: signal received");
+                    baton.stop();
+                }
+                None => break,
+            },
+            _ = stop.stopped() => break,
+        }
+    }
+    // Let the upgrade task log its outcome before the drain lines; after a
+    // stop it finishes at once.
+    if let Some(task) = upgrade {
+        let _ = task.await;
+    }
+    for task in accept_loops {
+        let _ = task.await;
+    }
+    events.emit(format_args!(
+        "draining {} connections",
+        baton.tracker().open()
+    ));
+    let report = baton.drain(options.drain_timeout).await;
+    events.emit(format_args!("drained: {report}"));
+    events.emit("exit");
+    Ok(())
+}
+
+/// Accept until stopped, then drop the listener: this process stops taking
+/// connections from the shared queue, and the next generation takes them all.
+async fn accept_loop(
+    listener: Listener,
+    baton: Baton,
+    info: Arc<ServerInfo>,
+    options: Options,
+    events: Events,
+) {
+    let stop = baton.stop_token();
+    let tracker = baton.tracker();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.stopped() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(stream) => {
+                let conn = tracker.track();
+                tokio::spawn(serve_connection(
+                    stream,
+                    conn,
+                    info.clone(),
+                    options.clone(),
+                ));
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                // EMFILE and friends: accepting again at once would spin.
+                events.emit(format_args!("warning: accept: {e}; backing off"));
+                tokio::select! {
+                    _ = stop.stopped() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            // A connection reset before we accepted it concerns that client only.
+            Err(_) => {}
+        }
+    }
+}
+
+fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// One keep-alive connection, with the drain semantics of DESIGN.md: after
+/// stop, a request in progress is finished and answered with
+/// `Connection: close`; an idle connection waits `idle_grace` for one last
+/// request, then closes.
+async fn serve_connection(
+    mut stream: Stream,
+    mut conn: baton_tokio::Connection,
+    info: Arc<ServerInfo>,
+    options: Options,
+) {
+    let tracker = conn.tracker().clone();
+    let stop = tracker.stop_token().clone();
+    let mut reader = RequestReader::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let request = match reader.next_request() {
+            Ok(Some(request)) => request,
+            Ok(None) => {
+                let idle = reader.is_idle();
+                if idle {
+                    conn.set_idle();
+                } else {
+                    conn.set_busy();
+                }
+                let timeout = match (idle, conn.is_draining()) {
+                    (true, true) => options.idle_grace,
+                    (true, false) => options.idle_timeout,
+                    (false, _) => options.header_timeout,
+                };
+                let read = tokio::select! {
+                    read = tokio::time::timeout(timeout, stream.read(&mut buf)) => read,
+                    // Stop while idle: re-enter the loop to wait only the grace.
+                    _ = stop.stopped(), if idle && !conn.is_draining() => continue,
+                    _ = tracker.forced() => return,
+                };
+                match read {
+                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    Ok(Ok(n)) => reader.push(&buf[..n]),
+                    Err(_elapsed) if idle => return close(stream, &options).await,
+                    Err(_elapsed) => {
+                        respond_error(&mut stream, 408, &info, &mut out).await;
+                        return close(stream, &options).await;
+                    }
+                }
+                continue;
+            }
+            Err(status) => {
+                conn.set_busy();
+                respond_error(&mut stream, status, &info, &mut out).await;
+                conn.set_idle();
+                return close(stream, &options).await;
+            }
+        };
+        conn.set_busy();
+        let response = match http::handle(&request, &info) {
+            Action::Respond(response) => response,
+            Action::Sleep { delay, then } => {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => then,
+                    _ = tracker.forced() => return,
+                }
+            }
+        };
+        // Decided after the work: a stop during a /sleep still gets a close.
+        let closing = !request.keep_alive || conn.is_draining();
+        out.clear();
+        http::encode(&response, &info, closing, &mut out);
+        let written = tokio::select! {
+            written = tokio::time::timeout(options.write_timeout, stream.write_all(&out)) => written,
+            _ = tracker.forced() => return,
+        };
+        if !matches!(written, Ok(Ok(()))) {
+            return;
+        }
+        conn.set_idle();
+        if closing {
+            return close(stream, &options).await;
+        }
+    }
+}
+
+async fn respond_error(stream: &mut Stream, status: u16, info: &ServerInfo, out: &mut Vec<u8>) {
+    out.clear();
+    http::encode(&http::error_response(status), info, true, out);
+    let _ = stream.write_all(out).await;
+}
+
+/// Close without a reset: send FIN, then read what the client still sends
+/// until it closes too (bounded), so unread bytes never turn into an RST
+/// that would destroy the response in flight.
+async fn close(mut stream: Stream, options: &Options) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(options.idle_grace.max(Duration::from_millis(100)), async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,136 @@
+//! Command line of the demo server, and the choice of backend.
+
+use std::time::Duration;
+
+use baton_core::ListenAddr;
+
+/// The backends compiled into this binary, by Cargo feature.
+pub const BACKENDS: &[&str] = &[
+    #[cfg(feature = "tokio")]
+    "tokio",
+];
+
+/// An HTTP/1.1 server that upgrades itself without dropping a request.
+///
+/// SIGHUP starts the binary it was started from and hands it the listening
+/// sockets; SIGTERM or SIGINT stops gracefully.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "baton-demo", version)]
+pub struct Options {
+    /// Address to listen on: IP:PORT, or unix:/path. Repeatable; the
+    /// listeners are named http, http-1, http-2, … in this order.
+    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: Vec<ListenAddr>,
+    /// Runtime to serve with, among those compiled in.
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+    /// How long a new generation has to report ready before the upgrade fails.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub upgrade_timeout: Duration,
+    /// How long in-flight requests get after a stop before they are cut.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// How long an idle keep-alive connection may still send one last
+    /// request after a stop.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    pub idle_grace: Duration,
+    /// How long a client may take to send a request head once it started.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// How long a keep-alive connection may stay idle.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// How long writing a response may take (a client that never reads).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+}
+
+impl Options {
+    /// The name of the `index`-th listener: `http`, `http-1`, `http-2`, …
+    pub fn listener_name(index: usize) -> String {
+        match index {
+            0 => "http".to_owned(),
+            n => format!("http-{n}"),
+        }
+    }
+
+    /// The backend to run: the one asked for, if compiled in; else the only
+    /// one compiled in, or tokio.
+    pub fn backend(&self) -> Result<&'static str, String> {
+        let available = BACKENDS.join(", ");
+        match self.backend.as_deref() {
+            Some(name) => BACKENDS
+                .iter()
+                .copied()
+                .find(|b| *b == name)
+                .ok_or_else(|| {
+                    format!("backend {name:?} is not compiled in; available: {available}")
+                }),
+            None => match BACKENDS {
+                [] => Err("no backend compiled in: enable a feature (tokio, smol, mio)".to_owned()),
+                [only] => Ok(only),
+                _ if BACKENDS.contains(&"tokio") => Ok("tokio"),
+                [first, ..] => Ok(first),
+            },
+        }
+    }
+}
+
+/// Parse `250ms`, `10s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 250ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "" | "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10h").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn unknown_backend_lists_the_available_ones() {
+        let options = Options::parse_from(["baton-demo", "--backend", "nope"]);
+        let err = options.backend().unwrap_err();
+        assert!(
+            err.contains("\"nope\"") && err.contains("available:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_is_repeatable_with_a_default() {
+        let options = Options::parse_from(["baton-demo"]);
+        assert_eq!(options.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        let options = Options::parse_from([
+            "baton-demo",
+            "--listen",
+            "127.0.0.1:1",
+            "--listen",
+            "unix:/tmp/x",
+        ]);
+        assert_eq!(options.listen.len(), 2);
+        assert_eq!(Options::listener_name(1), "http-1");
+    }
+}
