@@ -65,6 +65,7 @@ impl log::Log for Events {
 }
 
 /// A fatal error before the generation is known: `baton-demo: error: …`.
-pub fn fatal(message: impl std::fmt::Display) {
+pub fn fatal(message: impl std::fmt::Display) -> crate::Failed {
     let _ = std::io::stderr().write_all(format!("baton-demo: error: {message}\n").as_bytes());
+    crate::Failed
 }

@@ -12,16 +12,19 @@ pub mod events;
 pub mod http;
 pub mod load;
 
+/// The server could not start or serve; the reason is already logged.
+#[derive(Debug)]
+pub struct Failed;
+
 /// Run the server with the backend `options` selects, until it has upgraded
 /// or stopped and drained. Errors are logged before `Err` is returned.
-pub fn run(options: &cli::Options) -> Result<(), ()> {
+pub fn run(options: &cli::Options) -> Result<(), Failed> {
     let backend = options.backend().map_err(events::fatal)?;
     match backend {
         #[cfg(feature = "tokio")]
         "tokio" => backend::tokio::run(options),
-        other => {
-            events::fatal(format_args!("backend {other:?} is not compiled in"));
-            Err(())
-        }
+        other => Err(events::fatal(format_args!(
+            "backend {other:?} is not compiled in"
+        ))),
     }
 }

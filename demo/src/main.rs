@@ -9,6 +9,6 @@ fn main() -> ExitCode {
     let options = baton_demo::cli::Options::parse();
     match baton_demo::run(&options) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(()) => ExitCode::FAILURE,
+        Err(baton_demo::Failed) => ExitCode::FAILURE,
     }
 }

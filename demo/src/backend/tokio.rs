@@ -10,11 +10,12 @@ use tokio::task::JoinHandle;
 use crate::cli::Options;
 use crate::events::{self, Events};
 use crate::http::{self, Action, RequestReader, ServerInfo};
+use crate::Failed;
 
 const BACKEND: &str = "tokio";
 
 /// Serve until upgraded or stopped, then drain. Errors are logged.
-pub fn run(options: &Options) -> Result<(), ()> {
+pub fn run(options: &Options) -> Result<(), Failed> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -22,7 +23,7 @@ pub fn run(options: &Options) -> Result<(), ()> {
     runtime.block_on(serve(options))
 }
 
-async fn serve(options: &Options) -> Result<(), ()> {
+async fn serve(options: &Options) -> Result<(), Failed> {
     let config = Config::default().upgrade_timeout(options.upgrade_timeout);
     let baton = Baton::from_env(config).map_err(events::fatal)?;
     let events = Events::new(baton.generation(), BACKEND);
@@ -31,6 +32,7 @@ async fn serve(options: &Options) -> Result<(), ()> {
         events.emit(format_args!("error: {message}"));
         // Tell the previous generation why, so its upgrade fails with it.
         let _ = baton.report_error(&message);
+        Failed
     };
 
     let info = Arc::new(ServerInfo {
