@@ -1,0 +1,1 @@
+//! baton over mio (being written).

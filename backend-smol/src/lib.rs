@@ -1,0 +1,1 @@
+//! baton over smol (being written).
