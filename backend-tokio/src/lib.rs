@@ -220,6 +220,16 @@ impl PendingUpgrade {
     /// stop ([`Baton::stop`], SIGTERM) while it waits does the same and
     /// returns [`UpgradeError::Stopping`].
     pub async fn ready(self) -> Result<Upgraded, UpgradeError> {
+        let generation = self.generation.clone();
+        let result = self.wait().await;
+        match &result {
+            Ok(upgraded) => generation.upgraded(upgraded),
+            Err(e) => generation.upgrade_failed(e),
+        }
+        result
+    }
+
+    async fn wait(self) -> Result<Upgraded, UpgradeError> {
         let PendingUpgrade {
             mut pending,
             generation,
@@ -246,16 +256,13 @@ impl PendingUpgrade {
             }
         };
         let stop = generation.stop_token().clone();
-        let result = tokio::select! {
-            result = tokio::time::timeout_at(deadline, report) => result,
-            _ = stop.stopped() => return Err(UpgradeError::Stopping),
-        };
-        let upgraded = match result {
-            Ok(result) => result?,
-            Err(_elapsed) => return Err(pending.time_out()),
-        };
-        generation.upgraded(&upgraded);
-        Ok(upgraded)
+        tokio::select! {
+            result = tokio::time::timeout_at(deadline, report) => match result {
+                Ok(result) => result,
+                Err(_elapsed) => Err(pending.time_out()),
+            },
+            _ = stop.stopped() => Err(UpgradeError::Stopping),
+        }
     }
 }
 

@@ -48,6 +48,9 @@ pub enum Error {
     /// Writing the readiness report failed (the parent may have gone).
     #[error("cannot report readiness to the parent: {0}")]
     Report(#[source] io::Error),
+    /// The PID file names another live process, or cannot be written.
+    #[error(transparent)]
+    PidFile(#[from] crate::pidfile::PidFileError),
     /// The path of the running binary could not be found.
     #[error("cannot find the path of the running binary: {0}")]
     Program(#[source] io::Error),

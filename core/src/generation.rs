@@ -4,10 +4,12 @@ use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::listeners::{ListenAddr, ListenSocket, Listeners, Origin};
+use crate::notify::{self, Notifier};
+use crate::pidfile::PidFile;
 use crate::protocol;
 use crate::stop::{StopReason, StopSignal, StopToken};
 use crate::sys;
@@ -31,6 +33,9 @@ pub struct Config {
     pub program: Option<PathBuf>,
     /// Its arguments, `argv[0]` first. Default: this process's arguments.
     pub args: Option<Vec<OsString>>,
+    /// A PID file naming the serving process: written when a generation is
+    /// ready, removed at a graceful stop. Default: none.
+    pub pid_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -39,6 +44,7 @@ impl Default for Config {
             upgrade_timeout: Duration::from_secs(30),
             program: None,
             args: None,
+            pid_file: None,
         }
     }
 }
@@ -61,6 +67,12 @@ impl Config {
         self.args = Some(args);
         self
     }
+
+    /// Keep a PID file at `path`.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
 }
 
 /// This process as one generation of the server: the sockets it inherited or
@@ -73,7 +85,11 @@ pub struct Generation {
     number: u64,
     listeners: Listeners,
     ready: Mutex<Option<OwnedFd>>,
+    has_parent: bool,
     upgrader: Upgrader,
+    notifier: Option<Arc<Notifier>>,
+    pid_file_path: Option<PathBuf>,
+    pid_file: Arc<Mutex<Option<PidFile>>>,
     stop: StopToken,
     tracker: Tracker,
 }
@@ -95,12 +111,44 @@ impl Generation {
             None => current_program().map_err(Error::Program)?,
         };
         let args = config.args.unwrap_or_else(|| std::env::args_os().collect());
+        let notifier = match Notifier::from_env() {
+            Ok(notifier) => notifier.map(Arc::new),
+            Err(e) => {
+                log::warn!("ignoring NOTIFY_SOCKET: {e}");
+                None
+            }
+        };
         let stop = StopToken::new();
+        let pid_file: Arc<Mutex<Option<PidFile>>> = Arc::default();
+        // A graceful stop tells systemd and removes the PID file; an exit
+        // after an upgrade leaves both to the new generation.
+        let (hook_notifier, hook_pid_file, hook_stop) =
+            (notifier.clone(), pid_file.clone(), stop.clone());
+        stop.on_stop(move || {
+            if hook_stop.reason() != Some(StopReason::Shutdown) {
+                return;
+            }
+            if let Some(notifier) = &hook_notifier {
+                send(
+                    notifier,
+                    "STOPPING=1\nSTATUS=stopping: draining connections",
+                );
+            }
+            if let Some(file) = lock(&hook_pid_file).take() {
+                if let Err(e) = file.remove() {
+                    log::warn!("cannot remove the PID file: {e}");
+                }
+            }
+        });
         Ok(Generation {
             number: passed.generation,
             listeners,
+            has_parent: ready.is_some(),
             ready: Mutex::new(ready),
             upgrader: Upgrader::new(program, args, passed.generation, config.upgrade_timeout),
+            notifier,
+            pid_file_path: config.pid_file,
+            pid_file,
             tracker: Tracker::new(stop.clone()),
             stop,
         })
@@ -121,11 +169,23 @@ impl Generation {
     /// Tell the parent this generation serves, so it stops accepting and
     /// drains. Inherited sockets nobody claimed are closed now. Without a
     /// parent (generation 0, systemd) this only closes them.
+    ///
+    /// With a PID file configured, it is claimed first, so a conflict is
+    /// reported to the parent as this generation's error.
     pub fn ready(&self) -> Result<(), Error> {
         for name in self.listeners.close_unclaimed() {
             log::info!("closing inherited listener {name:?}: not used by this generation");
         }
-        self.report(&[READY])
+        if let Some(path) = &self.pid_file_path {
+            let predecessor = self.has_parent.then(std::os::unix::process::parent_id);
+            *lock(&self.pid_file) = Some(PidFile::claim(path, predecessor)?);
+        }
+        self.report(&[READY])?;
+        // Started by a baton parent, the parent tells systemd (MAINPID=).
+        if !self.has_parent {
+            self.notify("READY=1\nSTATUS=serving");
+        }
+        Ok(())
     }
 
     /// Tell the parent this generation cannot serve, and why; the parent
@@ -136,7 +196,7 @@ impl Generation {
     }
 
     fn report(&self, bytes: &[u8]) -> Result<(), Error> {
-        let fd = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let fd = lock(&self.ready).take();
         match fd {
             Some(fd) => sys::write_all(fd.as_fd(), bytes).map_err(Error::Report),
             None => Ok(()),
@@ -149,14 +209,47 @@ impl Generation {
         if self.stop.is_stopped() {
             return Err(UpgradeError::Stopping);
         }
-        self.listeners
-            .with_handoff(|sockets| self.upgrader.start(sockets))
+        let pending = self
+            .listeners
+            .with_handoff(|sockets| self.upgrader.start(sockets))?;
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading: waiting for new process {}",
+            notify::monotonic_usec(),
+            pending.pid()
+        ));
+        Ok(pending)
     }
 
-    /// Record that the next generation serves: stops this one.
+    /// Record that the next generation serves: tells systemd to follow it,
+    /// and stops this one.
     pub fn upgraded(&self, upgraded: &Upgraded) {
         log::debug!("upgraded: {upgraded}");
+        self.notify(&format!(
+            "MAINPID={}\nREADY=1\nSTATUS=serving (generation {}, upgraded in {} ms)",
+            upgraded.pid,
+            upgraded.generation,
+            upgraded.time_to_ready.as_millis()
+        ));
         self.stop.stop_with(StopReason::Upgraded);
+    }
+
+    /// Record that an upgrade failed and this generation serves on.
+    pub fn upgrade_failed(&self, error: &UpgradeError) {
+        if !matches!(
+            error,
+            UpgradeError::Stopping | UpgradeError::AlreadyRunning { .. }
+        ) {
+            let reason = error.to_string().replace('\n', " ");
+            self.notify(&format!(
+                "READY=1\nSTATUS=serving; last upgrade failed: {reason}"
+            ));
+        }
+    }
+
+    fn notify(&self, state: &str) {
+        if let Some(notifier) = &self.notifier {
+            send(notifier, state);
+        }
     }
 
     /// The binary the next generation runs.
@@ -173,6 +266,16 @@ impl Generation {
     pub fn tracker(&self) -> &Tracker {
         &self.tracker
     }
+}
+
+fn send(notifier: &Notifier, state: &str) {
+    if let Err(e) = notifier.notify(state) {
+        log::warn!("cannot notify systemd: {e}");
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn adopt_ready_fd(fd: std::os::fd::RawFd) -> Result<OwnedFd, Error> {

@@ -41,6 +41,8 @@
 //! # }
 //! ```
 
+pub mod notify;
+pub mod pidfile;
 pub mod protocol;
 pub mod upgrade;
 
