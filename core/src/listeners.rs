@@ -71,16 +71,23 @@ pub enum Origin {
 impl Listeners {
     /// Adopt the sockets `passed` declares at fds 3... Each is made
     /// close-on-exec at once, so none leaks into a process the application
-    /// starts even if the application never claims it.
+    /// starts even if the application never claims it, and each must be a
+    /// socket: anything else means the environment lies. Type, family and
+    /// listening state are checked when the application claims it, since
+    /// only then is it known what it should be.
     pub(crate) fn adopt(passed: &Passed) -> Result<Self, Error> {
         let mut inherited = Vec::with_capacity(passed.names.len());
         for (index, name) in passed.names.iter().enumerate() {
             let fd = Passed::fd(index);
-            let owned = sys::adopt_inherited_fd(fd).map_err(|source| Error::Inherited {
+            let problem = |problem: String| Error::Inherited {
                 name: name.clone(),
                 fd,
-                problem: format!("cannot adopt: {source}"),
-            })?;
+                problem,
+            };
+            let owned = sys::adopt_inherited_fd(fd)
+                .map_err(|source| problem(format!("cannot adopt: {source}")))?;
+            sys::socket_info(owned.as_fd())
+                .map_err(|source| problem(format!("not a socket: {source}")))?;
             inherited.push(Held {
                 name: name.clone(),
                 fd: owned,
