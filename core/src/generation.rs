@@ -204,10 +204,14 @@ impl Generation {
     }
 
     /// Start the next generation with this generation's listeners. Refused
-    /// once this generation is stopping.
+    /// once this generation is stopping, and in PID 1, whose exit would end
+    /// its container.
     pub fn start_upgrade(&self) -> Result<PendingUpgrade, UpgradeError> {
         if self.stop.is_stopped() {
             return Err(UpgradeError::Stopping);
+        }
+        if std::process::id() == 1 {
+            return Err(UpgradeError::Pid1);
         }
         let pending = self
             .listeners

@@ -41,6 +41,13 @@ pub enum UpgradeError {
         /// The child of the running upgrade.
         pid: u32,
     },
+    /// This process is PID 1 (a container's init): when it exits after the
+    /// upgrade, the kernel ends the container and the new generation with it.
+    #[error(
+        "this process is PID 1: exiting after an upgrade would end the container; \
+         run it under an init (docker run --init, tini, dumb-init) to upgrade in place"
+    )]
+    Pid1,
     /// The server is stopping: an upgrade is refused, and one pending is
     /// abandoned (its process killed).
     #[error("the server is stopping")]
