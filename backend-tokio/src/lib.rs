@@ -67,8 +67,8 @@ use tokio::net::unix::pipe::Receiver;
 use tokio::signal::unix::{signal, SignalKind};
 
 pub use baton_core::{
-    Config, Connection, ConnectionState, DrainReport, Error, ListenAddr, Origin, StopReason,
-    StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
+    Config, Connection, ConnectionState, DrainReport, Error, ExitStatus, ListenAddr, Origin,
+    StopReason, StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
 };
 pub use listener::{Listener, Stream};
 
@@ -194,6 +194,75 @@ impl Baton {
         }
         tracker.report()
     }
+
+    /// Drain after a stop, like [`drain`](Self::drain); after an upgrade,
+    /// also watch the new generation until the drain is over and at least
+    /// `watch` has passed. If the new generation dies in that window, this
+    /// generation serves again: the stop token is re-armed, and the
+    /// application restarts its accept loops on [`reopen`](Self::reopen)ed
+    /// listeners. Until this process exits it holds its listening sockets,
+    /// so the port is never left unserved.
+    pub async fn drain_watching(
+        &self,
+        timeout: Duration,
+        watch: Duration,
+    ) -> Result<DrainOutcome, Error> {
+        let Some(successor) = self.generation.watch_successor()? else {
+            return Ok(DrainOutcome::Drained(self.drain(timeout).await));
+        };
+        let watch_until = tokio::time::Instant::now() + watch;
+        // SIGCHLD says "a child changed state"; `exited` says whether it was
+        // the successor. Checked once after subscribing, so a death before
+        // the subscription is not missed.
+        let mut child_signals = signal(SignalKind::child()).map_err(Error::Watch)?;
+        let died = async {
+            loop {
+                if let Some(status) = successor.exited()? {
+                    return Ok::<_, Error>(status);
+                }
+                child_signals.recv().await;
+            }
+        };
+        let drained = async {
+            let report = self.drain(timeout).await;
+            tokio::time::sleep_until(watch_until).await;
+            report
+        };
+        tokio::select! {
+            report = drained => Ok(DrainOutcome::Drained(report)),
+            status = died => {
+                let status = status?;
+                self.generation.resume(status);
+                Ok(DrainOutcome::Resumed { successor: successor.pid(), status })
+            }
+        }
+    }
+
+    /// Another listener on the socket `name` this generation holds, for
+    /// accept loops restarted after [`DrainOutcome::Resumed`]. Must be
+    /// called inside a tokio runtime.
+    pub fn reopen(&self, name: &str) -> Result<Listener, Error> {
+        let socket = self.generation.reopen(name)?;
+        baton_core::ListenerHandoff::from_listen_socket(socket).map_err(|source| Error::Listen {
+            name: name.to_owned(),
+            addr: "(held)".to_owned(),
+            source,
+        })
+    }
+}
+
+/// How [`Baton::drain_watching`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection closed (or was forced at the deadline): exit now.
+    Drained(DrainReport),
+    /// The new generation died while this one drained: this one serves again.
+    Resumed {
+        /// The pid of the generation that died.
+        successor: u32,
+        /// How it ended.
+        status: ExitStatus,
+    },
 }
 
 /// A next generation that was started and has not reported yet.

@@ -51,6 +51,9 @@ pub enum Error {
     /// The PID file names another live process, or cannot be written.
     #[error(transparent)]
     PidFile(#[from] crate::pidfile::PidFileError),
+    /// Watching the next generation failed.
+    #[error("cannot watch the new generation: {0}")]
+    Watch(#[source] io::Error),
     /// The path of the running binary could not be found.
     #[error("cannot find the path of the running binary: {0}")]
     Program(#[source] io::Error),

@@ -12,10 +12,36 @@ use crate::notify::{self, Notifier};
 use crate::pidfile::PidFile;
 use crate::protocol;
 use crate::stop::{StopReason, StopSignal, StopToken};
-use crate::sys;
+use crate::sys::{self, ExitStatus};
 use crate::tracker::Tracker;
 use crate::upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader, ERROR_PREFIX, READY};
 use crate::Error;
+
+/// The pid of the next generation, as an fd that becomes readable when it
+/// exits (a pidfd): register it in the reactor while draining.
+#[derive(Debug)]
+pub struct SuccessorWatch {
+    pid: u32,
+    fd: OwnedFd,
+}
+
+impl SuccessorWatch {
+    /// The successor's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Its exit status if it has exited (and reap it), without waiting.
+    pub fn exited(&self) -> Result<Option<ExitStatus>, Error> {
+        sys::try_reap(self.pid).map_err(Error::Watch)
+    }
+}
+
+impl AsFd for SuccessorWatch {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
 
 /// Set once the inherited fds have owners, so a second `from_env` cannot
 /// adopt (and later close) them twice.
@@ -90,6 +116,7 @@ pub struct Generation {
     notifier: Option<Arc<Notifier>>,
     pid_file_path: Option<PathBuf>,
     pid_file: Arc<Mutex<Option<PidFile>>>,
+    successor: Mutex<Option<u32>>,
     stop: StopToken,
     tracker: Tracker,
 }
@@ -149,6 +176,7 @@ impl Generation {
             notifier,
             pid_file_path: config.pid_file,
             pid_file,
+            successor: Mutex::new(None),
             tracker: Tracker::new(stop.clone()),
             stop,
         })
@@ -234,7 +262,46 @@ impl Generation {
             upgraded.generation,
             upgraded.time_to_ready.as_millis()
         ));
+        *lock(&self.successor) = Some(upgraded.pid);
         self.stop.stop_with(StopReason::Upgraded);
+    }
+
+    /// Watch the generation this one handed over to, while this one drains:
+    /// if it dies now, [`resume`](Self::resume) keeps the port served. `None`
+    /// before a successful upgrade.
+    pub fn watch_successor(&self) -> Result<Option<SuccessorWatch>, Error> {
+        let Some(pid) = *lock(&self.successor) else {
+            return Ok(None);
+        };
+        let fd = sys::pidfd_open(pid).map_err(Error::Watch)?;
+        Ok(Some(SuccessorWatch { pid, fd }))
+    }
+
+    /// Serve again: the successor died while this generation drained. The
+    /// stop token is re-armed (accept loops may start again, on listeners
+    /// from [`reopen`](Self::reopen)), systemd is told this process is the
+    /// main one again, and the PID file names it.
+    pub fn resume(&self, successor_status: ExitStatus) {
+        let pid = lock(&self.successor).take();
+        self.stop.resume();
+        self.tracker.resume();
+        self.notify(&format!(
+            "MAINPID={}\nREADY=1\nSTATUS=serving again: new generation {} ended ({successor_status})",
+            std::process::id(),
+            pid.unwrap_or_default()
+        ));
+        if let Some(path) = &self.pid_file_path {
+            match PidFile::claim(path, None) {
+                Ok(file) => *lock(&self.pid_file) = Some(file),
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+    }
+
+    /// Another listener on the socket `name` this generation holds, to
+    /// accept again after [`resume`](Self::resume).
+    pub fn reopen(&self, name: &str) -> Result<ListenSocket, Error> {
+        self.listeners.reopen(name)
     }
 
     /// Record that an upgrade failed and this generation serves on.

@@ -54,7 +54,7 @@ mod sys;
 mod tracker;
 
 pub use error::Error;
-pub use generation::{current_program, Config, Generation};
+pub use generation::{current_program, Config, Generation, SuccessorWatch};
 pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
 pub use stop::{StopReason, StopSignal, StopToken};
 pub use sys::ExitStatus;

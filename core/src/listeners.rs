@@ -113,6 +113,28 @@ impl Listeners {
         Ok((socket, origin))
     }
 
+    /// Another duplicate of the held listener `name`, for a generation that
+    /// accepts again after it had stopped (its successor died).
+    pub(crate) fn reopen(&self, name: &str) -> Result<ListenSocket, Error> {
+        let held = lock(&self.held);
+        let missing = || Error::Listen {
+            name: name.to_owned(),
+            addr: "(held)".to_owned(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no listener of this name is open"),
+        };
+        let socket = held.iter().find(|h| h.name == name).ok_or_else(missing)?;
+        let copy = socket.fd.try_clone().map_err(|source| Error::Listen {
+            name: name.to_owned(),
+            addr: "(held)".to_owned(),
+            source,
+        })?;
+        let family = sys::socket_info(copy.as_fd()).map(|info| info.family);
+        Ok(match family {
+            Ok(libc::AF_UNIX) => ListenSocket::Unix(UnixListener::from(copy)),
+            _ => ListenSocket::Tcp(std::net::TcpListener::from(copy)),
+        })
+    }
+
     /// Inherit or bind, keep one fd for handoff, return a duplicate.
     fn claim(&self, name: &str, addr: &ListenAddr) -> Result<(OwnedFd, Origin), Error> {
         protocol::validate_name(name)?;
@@ -362,6 +384,19 @@ mod tests {
             assert_eq!(sockets[0].0, "http");
             assert!(sys::is_cloexec(sockets[0].1).unwrap());
         });
+    }
+
+    #[test]
+    fn a_held_listener_can_be_reopened() {
+        let listeners = Listeners::default();
+        let (first, _) = tcp(&listeners, "http", loopback()).unwrap();
+        match listeners.reopen("http").unwrap() {
+            ListenSocket::Tcp(again) => {
+                assert_eq!(again.local_addr().unwrap(), first.local_addr().unwrap())
+            }
+            other => panic!("not TCP: {other:?}"),
+        }
+        assert!(listeners.reopen("other").is_err());
     }
 
     #[test]

@@ -76,6 +76,14 @@ impl StopToken {
         }
     }
 
+    /// Undo a stop, for a generation that serves again because its
+    /// successor died while it drained. Hooks run again at the next stop.
+    pub(crate) fn resume(&self) {
+        let mut reason = self.inner.reason.lock().unwrap_or_else(|e| e.into_inner());
+        *reason = None;
+        self.inner.stopped.store(false, Ordering::Release);
+    }
+
     /// Why it stopped, once it has.
     pub fn reason(&self) -> Option<StopReason> {
         *self.inner.reason.lock().unwrap_or_else(|e| e.into_inner())
@@ -167,6 +175,23 @@ mod tests {
         while fut.as_mut().poll(&mut cx) == Poll::Pending {
             std::thread::park();
         }
+    }
+
+    #[test]
+    fn resume_rearms_the_token_and_its_hooks() {
+        let token = StopToken::new();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        token.on_stop(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        token.stop_with(StopReason::Upgraded);
+        token.resume();
+        assert!(!token.is_stopped());
+        assert_eq!(token.reason(), None);
+        token.stop();
+        assert_eq!(token.reason(), Some(StopReason::Shutdown));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -163,6 +163,19 @@ impl Tracker {
         }
     }
 
+    /// Forget an abandoned drain (the generation resumed): its counts, and
+    /// a force that would otherwise close every new connection at once.
+    pub(crate) fn resume(&self) {
+        self.inner.force.store(false, Ordering::SeqCst);
+        for counter in [
+            &self.inner.finished,
+            &self.inner.closed_idle,
+            &self.inner.forced,
+        ] {
+            counter.store(0, Ordering::SeqCst);
+        }
+    }
+
     /// How the connections open at stop have ended so far.
     pub fn report(&self) -> DrainReport {
         DrainReport {

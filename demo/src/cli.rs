@@ -1,5 +1,7 @@
 //! Command line of the demo server, and the choice of backend.
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baton_core::ListenAddr;
@@ -8,6 +10,10 @@ use baton_core::ListenAddr;
 pub const BACKENDS: &[&str] = &[
     #[cfg(feature = "tokio")]
     "tokio",
+    #[cfg(feature = "smol")]
+    "smol",
+    #[cfg(feature = "mio")]
+    "mio",
 ];
 
 /// An HTTP/1.1 server that upgrades itself without dropping a request.
@@ -24,15 +30,28 @@ pub struct Options {
     /// Runtime to serve with, among those compiled in.
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
+    /// Read the backend's name from this file at start-up; it overrides
+    /// --backend. An upgrade restarts with the same arguments, so writing
+    /// another name here and sending SIGHUP switches the next generation to
+    /// that runtime (tokio to smol and back) without losing a request.
+    #[arg(long, value_name = "PATH")]
+    pub backend_file: Option<PathBuf>,
     /// How long a new generation has to report ready before the upgrade fails.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub upgrade_timeout: Duration,
     /// How long in-flight requests get after a stop before they are cut.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// How long an old generation keeps watching the new one after handing
+    /// over (at least; longer while it drains): if the new one dies in that
+    /// window, the old one serves again.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub successor_watch: Duration,
     /// How long an idle keep-alive connection may still send one last
-    /// request after a stop.
-    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+    /// request after a stop. Closing an idle connection races with a client
+    /// that is just sending on it, so this must exceed the clients' pause
+    /// between requests, including when the machine is busy.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub idle_grace: Duration,
     /// How long a client may take to send a request head once it started.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -54,11 +73,15 @@ impl Options {
         }
     }
 
-    /// The backend to run: the one asked for, if compiled in; else the only
-    /// one compiled in, or tokio.
+    /// The backend to run: the one named in --backend-file or else
+    /// --backend, if compiled in; else the only one compiled in, or tokio.
     pub fn backend(&self) -> Result<&'static str, String> {
         let available = BACKENDS.join(", ");
-        match self.backend.as_deref() {
+        let from_file = match &self.backend_file {
+            Some(path) => Some(read_backend_file(path)?),
+            None => None,
+        };
+        match from_file.as_deref().or(self.backend.as_deref()) {
             Some(name) => BACKENDS
                 .iter()
                 .copied()
@@ -73,6 +96,24 @@ impl Options {
                 [first, ..] => Ok(first),
             },
         }
+    }
+}
+
+/// The backend name in `path`, trimmed. Read at start-up by every
+/// generation, so it is how an operator picks the next generation's runtime.
+fn read_backend_file(path: &Path) -> Result<String, String> {
+    let error = |e: std::io::Error| format!("cannot read --backend-file {}: {e}", path.display());
+    let mut text = String::new();
+    // A name is short; the bound keeps a wrong path (a device) from hanging us.
+    std::fs::File::open(path)
+        .and_then(|file| file.take(4096).read_to_string(&mut text))
+        .map_err(error)?;
+    match text.trim() {
+        "" => Err(format!(
+            "--backend-file {} is empty: write a backend name in it",
+            path.display()
+        )),
+        name => Ok(name.to_owned()),
     }
 }
 
@@ -117,6 +158,36 @@ mod tests {
             err.contains("\"nope\"") && err.contains("available:"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn backend_file_overrides_backend() {
+        let Some(&first) = BACKENDS.first() else {
+            return; // nothing compiled in to choose
+        };
+        let path = std::env::temp_dir().join(format!("baton-cli-{}-backend", std::process::id()));
+        let args = |file: &Path| {
+            Options::parse_from([
+                "baton-demo".as_ref(),
+                "--backend".as_ref(),
+                "nope".as_ref(),
+                "--backend-file".as_ref(),
+                file.as_os_str(),
+            ])
+        };
+        std::fs::write(&path, format!(" {first}\n")).unwrap();
+        assert_eq!(args(&path).backend(), Ok(first));
+        std::fs::write(&path, "other\n").unwrap();
+        let err = args(&path).backend().unwrap_err();
+        assert!(
+            err.contains("\"other\"") && err.contains("available:"),
+            "{err}"
+        );
+        std::fs::write(&path, "\n").unwrap();
+        assert!(args(&path).backend().unwrap_err().contains("is empty"));
+        std::fs::remove_file(&path).unwrap();
+        let err = args(&path).backend().unwrap_err();
+        assert!(err.starts_with("cannot read --backend-file"), "{err}");
     }
 
     #[test]

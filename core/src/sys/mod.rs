@@ -151,6 +151,18 @@ pub(crate) fn kill(pid: u32) -> io::Result<()> {
     }
 }
 
+/// An fd that becomes readable when the child `pid` exits (Linux 5.3+).
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd (O_CLOEXEC by default) that
+    // nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// How a child process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
@@ -193,7 +205,6 @@ pub(crate) fn reap(pid: u32) -> io::Result<ExitStatus> {
 }
 
 /// Collect `pid`'s status if it has ended, without waiting.
-#[cfg(test)]
 pub(crate) fn try_reap(pid: u32) -> io::Result<Option<ExitStatus>> {
     let mut status: libc::c_int = 0;
     // SAFETY: `status` is a valid int for waitpid to fill.

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_tokio::{Baton, Config, ConnectionState, Listener, Signal, Stream, UpgradeError};
+use baton_tokio::{
+    Baton, Config, ConnectionState, DrainOutcome, Listener, Signal, Signals, Stream, UpgradeError,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
@@ -40,7 +42,7 @@ async fn serve(options: &Options) -> Result<(), Failed> {
         generation: baton.generation(),
         backend: BACKEND,
     });
-    let mut accept_loops = Vec::new();
+    let mut listeners = Vec::new();
     for (index, addr) in options.listen.iter().enumerate() {
         let name = Options::listener_name(index);
         let (listener, origin) = baton
@@ -52,13 +54,7 @@ async fn serve(options: &Options) -> Result<(), Failed> {
             baton_tokio::Origin::Bound => "bound",
         };
         events.emit(format_args!("listening on {local} ({name}, {origin})"));
-        accept_loops.push(tokio::spawn(accept_loop(
-            listener,
-            baton.clone(),
-            info.clone(),
-            options.clone(),
-            events.clone(),
-        )));
+        listeners.push(listener);
     }
     let mut signals = baton
         .signals()
@@ -68,6 +64,65 @@ async fn serve(options: &Options) -> Result<(), Failed> {
     }
     events.emit("serving");
 
+    // One round per period of serving: normally one, a second one if the
+    // new generation died while this one drained.
+    loop {
+        let accept_loops: Vec<_> = listeners
+            .drain(..)
+            .map(|listener| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    baton.clone(),
+                    info.clone(),
+                    options.clone(),
+                    events.clone(),
+                ))
+            })
+            .collect();
+        handle_signals(&baton, &mut signals, &events).await;
+        for task in accept_loops {
+            let _ = task.await;
+        }
+        events.emit(format_args!(
+            "draining {} connections",
+            baton.tracker().open()
+        ));
+        let outcome = baton
+            .drain_watching(options.drain_timeout, options.successor_watch)
+            .await;
+        match outcome {
+            Ok(DrainOutcome::Drained(report)) => {
+                events.emit(format_args!("drained: {report}"));
+                break;
+            }
+            Ok(DrainOutcome::Resumed { successor, status }) => {
+                events.emit(format_args!(
+                    "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
+                ));
+                for index in 0..options.listen.len() {
+                    let name = Options::listener_name(index);
+                    match baton.reopen(&name) {
+                        Ok(listener) => listeners.push(listener),
+                        Err(e) => events.emit(format_args!("error: {e}")),
+                    }
+                }
+            }
+            Err(e) => {
+                events.emit(format_args!("warning: {e}; draining without watching"));
+                let report = baton.drain(options.drain_timeout).await;
+                events.emit(format_args!("drained: {report}"));
+                break;
+            }
+        }
+    }
+    events.emit("exit");
+    Ok(())
+}
+
+/// Act on signals until this generation stops: SIGHUP upgrades (one at a
+/// time), SIGTERM/SIGINT stop. Returns once stopped and any upgrade has
+/// logged its outcome.
+async fn handle_signals(baton: &Baton, signals: &mut Signals, events: &Events) {
     let stop = baton.stop_token();
     let mut upgrade: Option<JoinHandle<()>> = None;
     loop {
@@ -106,17 +161,6 @@ async fn serve(options: &Options) -> Result<(), Failed> {
     if let Some(task) = upgrade {
         let _ = task.await;
     }
-    for task in accept_loops {
-        let _ = task.await;
-    }
-    events.emit(format_args!(
-        "draining {} connections",
-        baton.tracker().open()
-    ));
-    let report = baton.drain(options.drain_timeout).await;
-    events.emit(format_args!("drained: {report}"));
-    events.emit("exit");
-    Ok(())
 }
 
 /// Accept until stopped, then drop the listener: this process stops taking
