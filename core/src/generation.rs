@@ -109,7 +109,7 @@ impl Config {
 #[derive(Debug)]
 pub struct Generation {
     number: u64,
-    listeners: Listeners,
+    listeners: Arc<Listeners>,
     ready: Mutex<Option<OwnedFd>>,
     has_parent: bool,
     upgrader: Upgrader,
@@ -131,7 +131,7 @@ impl Generation {
         if anything_passed && ADOPTED.swap(true, Ordering::SeqCst) {
             return Err(Error::AlreadyAdopted);
         }
-        let listeners = Listeners::adopt(&passed)?;
+        let listeners = Arc::new(Listeners::adopt(&passed)?);
         let ready = passed.ready_fd.map(adopt_ready_fd).transpose()?;
         let program = match config.program {
             Some(program) => program,
@@ -147,14 +147,21 @@ impl Generation {
         };
         let stop = StopToken::new();
         let pid_file: Arc<Mutex<Option<PidFile>>> = Arc::default();
-        // A graceful stop tells systemd and removes the PID file; an exit
-        // after an upgrade leaves both to the new generation.
-        let (hook_notifier, hook_pid_file, hook_stop) =
-            (notifier.clone(), pid_file.clone(), stop.clone());
+        // A graceful stop closes the held listeners (new clients are refused
+        // at once instead of queueing for nobody), tells systemd and removes
+        // the PID file; an exit after an upgrade leaves all three to the new
+        // generation.
+        let (hook_notifier, hook_pid_file, hook_stop, hook_listeners) = (
+            notifier.clone(),
+            pid_file.clone(),
+            stop.clone(),
+            listeners.clone(),
+        );
         stop.on_stop(move || {
             if hook_stop.reason() != Some(StopReason::Shutdown) {
                 return;
             }
+            hook_listeners.close_held();
             if let Some(notifier) = &hook_notifier {
                 send(
                     notifier,

@@ -198,6 +198,13 @@ impl Listeners {
         lock(&self.inherited).drain(..).map(|h| h.name).collect()
     }
 
+    /// Close every socket held for handoff: the process shuts down with no
+    /// successor, so new clients should be refused at once rather than wait
+    /// in a queue nobody will accept from (and be reset at exit).
+    pub(crate) fn close_held(&self) {
+        lock(&self.held).clear();
+    }
+
     /// Run `f` with the sockets to hand over, in a stable order, while no
     /// listener can be added or removed.
     pub(crate) fn with_handoff<R>(&self, f: impl FnOnce(&[(&str, BorrowedFd<'_>)]) -> R) -> R {
