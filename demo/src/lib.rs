@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod events;
 pub mod http;
@@ -19,10 +20,21 @@ pub struct Failed;
 /// Run the server with the backend `options` selects, until it has upgraded
 /// or stopped and drained. Errors are logged before `Err` is returned.
 pub fn run(options: &cli::Options) -> Result<(), Failed> {
-    let backend = options.backend().map_err(events::fatal)?;
+    let backend = options.backend().map_err(|message| {
+        // Started by an upgrade (say with a bad --backend-file), tell the
+        // parent why, so its upgrade fails with the reason and it serves on.
+        if let Ok(generation) = baton_core::Generation::from_env(baton_core::Config::default()) {
+            let _ = generation.report_error(&message);
+        }
+        events::fatal(message)
+    })?;
     match backend {
         #[cfg(feature = "tokio")]
         "tokio" => backend::tokio::run(options),
+        #[cfg(feature = "smol")]
+        "smol" => backend::smol::run(options),
+        #[cfg(feature = "mio")]
+        "mio" => backend::mio::run(options),
         other => Err(events::fatal(format_args!(
             "backend {other:?} is not compiled in"
         ))),

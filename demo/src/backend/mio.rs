@@ -1,0 +1,577 @@
+//! The demo server over baton-mio: one thread, one `mio::Poll`, and every
+//! connection an explicit state machine driving [`crate::http`]
+//! (reading → handling → writing → closing).
+//!
+//! It behaves as the tokio server does, line for line in the log: after a
+//! stop, a request in progress is finished and answered with
+//! `Connection: close`, an idle connection waits `--idle-grace` for one last
+//! request, and what is left at `--drain-timeout` is cut. Every wait is a
+//! deadline in a timer heap, so an idle server blocks in `poll` until the
+//! nearest one (or forever).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use baton_mio::{Baton, Config, Connection, ConnectionState, Event, Stream, UpgradeError};
+use mio::{Interest, Poll, Registry, Token};
+
+use crate::cli::Options;
+use crate::events::{self, Events};
+use crate::http::{self, Action, RequestReader, Response, ServerInfo};
+use crate::Failed;
+
+const BACKEND: &str = "mio";
+/// Baton takes tokens `0..TOKENS`; connection `n` is `FIRST_CONN + n`.
+const FIRST_CONN: usize = baton_mio::TOKENS;
+/// Steps (a read, a request, a state change) one connection may take per
+/// turn of the loop, so a client pipelining without pause cannot starve
+/// the others; the rest waits for the next turn.
+const STEPS_PER_TURN: u32 = 64;
+
+/// Serve until upgraded or stopped, then drain. Errors are logged.
+pub fn run(options: &Options) -> Result<(), Failed> {
+    let mut poll =
+        Poll::new().map_err(|e| events::fatal(format_args!("cannot create the mio poll: {e}")))?;
+    let config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    let mut baton = Baton::new(config, poll.registry(), Token(0)).map_err(events::fatal)?;
+    let events = Events::new(baton.generation(), BACKEND);
+    events.install_as_logger();
+    let fail = |baton: &Baton, message: String| {
+        events.emit(format_args!("error: {message}"));
+        // Tell the previous generation why, so its upgrade fails with it.
+        let _ = baton.report_error(&message);
+        Failed
+    };
+
+    for (index, addr) in options.listen.iter().enumerate() {
+        let name = Options::listener_name(index);
+        let (id, origin) = match baton.listen_with_origin(&name, addr) {
+            Ok(listener) => listener,
+            Err(e) => return Err(fail(&baton, e.to_string())),
+        };
+        let local = baton
+            .listener(id)
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or_else(|| addr.to_string());
+        let origin = match origin {
+            baton_mio::Origin::Inherited => "inherited",
+            baton_mio::Origin::Bound => "bound",
+        };
+        events.emit(format_args!("listening on {local} ({name}, {origin})"));
+    }
+    let registry = match poll.registry().try_clone() {
+        Ok(registry) => registry,
+        Err(e) => return Err(fail(&baton, format!("cannot clone the mio registry: {e}"))),
+    };
+    if let Err(e) = baton.handle_signals() {
+        return Err(fail(&baton, format!("cannot handle signals: {e}")));
+    }
+    if let Err(e) = baton.ready() {
+        events.emit(format_args!("warning: {e}; serving anyway"));
+    }
+    events.emit("serving");
+
+    let info = ServerInfo {
+        pid: std::process::id(),
+        generation: baton.generation(),
+        backend: BACKEND,
+    };
+    let mut server = Server::new(registry, options, info);
+    let mut ready = mio::Events::with_capacity(1024);
+    loop {
+        let timeout = earliest(baton.next_timeout(), server.next_timeout());
+        match poll.poll(&mut ready, timeout) {
+            Ok(()) => {}
+            // A signal arrived; its pipe is readable on the next poll.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                events.emit(format_args!("error: poll: {e}"));
+                return Err(Failed);
+            }
+        }
+        baton.process(&ready);
+        while let Some(event) = baton.next_event() {
+            match event {
+                Event::Accept { listener } => loop {
+                    match baton.accept(listener) {
+                        Ok(Some((stream, conn))) => server.add(stream, conn),
+                        Ok(None) => break,
+                        // EMFILE and friends: baton pauses the listener.
+                        Err(e) => {
+                            events.emit(format_args!("warning: accept: {e}; backing off"));
+                            break;
+                        }
+                    }
+                },
+                Event::Upgrade => match baton.start_upgrade() {
+                    Ok(pid) => events.emit(format_args!("upgrade started: new process {pid}")),
+                    Err(e) => events.emit(format_args!("upgrade failed: {e}; still serving")),
+                },
+                Event::UpgradeDone(Ok(done)) => events.emit(format_args!(
+                    "upgrade done: pid {} generation {} ready after {} ms",
+                    done.pid,
+                    done.generation,
+                    done.time_to_ready.as_millis()
+                )),
+                Event::UpgradeDone(Err(UpgradeError::Stopping)) => {
+                    events.emit("upgrade abandoned: the server is stopping")
+                }
+                Event::UpgradeDone(Err(e)) => {
+                    events.emit(format_args!("upgrade failed: {e}; still serving"))
+                }
+                Event::Shutdown => {
+                    events.emit("stopping: signal received");
+                    baton.stop();
+                }
+                Event::Stop { .. } => {
+                    events.emit(format_args!(
+                        "draining {} connections",
+                        baton.tracker().open()
+                    ));
+                    baton.drain(options.drain_timeout);
+                    server.stop();
+                }
+                Event::ForceClose => server.close_all(),
+                Event::Drained(report) => {
+                    events.emit(format_args!("drained: {report}"));
+                    events.emit("exit");
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        server.resume();
+        for event in ready.iter().filter(|e| !baton.owns(e.token())) {
+            server.ready(event);
+        }
+        server.expire(Instant::now());
+    }
+}
+
+/// The nearer of two poll timeouts, `None` meaning "no deadline".
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Every connection, and the heap of their deadlines.
+struct Server<'a> {
+    registry: Registry,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    /// `(deadline, slot, serial)`. A connection has at most one live entry
+    /// (`Conn::armed`); later deadlines are re-armed when it pops, so a
+    /// keep-alive request does not push a timer.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// `(slot, serial)` of connections that used up their turn with work left.
+    yielded: Vec<(usize, u64)>,
+    next_serial: u64,
+    ctx: Ctx<'a>,
+}
+
+/// What every connection needs to make progress.
+struct Ctx<'a> {
+    options: &'a Options,
+    info: ServerInfo,
+    buf: Vec<u8>,
+}
+
+impl<'a> Server<'a> {
+    fn new(registry: Registry, options: &'a Options, info: ServerInfo) -> Self {
+        Server {
+            registry,
+            conns: Vec::new(),
+            free: Vec::new(),
+            timers: BinaryHeap::new(),
+            yielded: Vec::new(),
+            next_serial: 0,
+            ctx: Ctx {
+                options,
+                info,
+                buf: vec![0u8; 16 * 1024],
+            },
+        }
+    }
+
+    /// Take an accepted connection; it may have sent its request already.
+    fn add(&mut self, mut stream: Stream, conn: Connection) {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let token = Token(FIRST_CONN + slot);
+        if self
+            .registry
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            self.free.push(slot);
+            return;
+        }
+        self.next_serial += 1;
+        self.conns[slot] = Some(Conn::new(self.next_serial, stream, conn));
+        self.drive(slot, |conn, ctx| conn.drive(ctx));
+    }
+
+    /// Readiness of a connection.
+    fn ready(&mut self, event: &mio::event::Event) {
+        let Some(slot) = event.token().0.checked_sub(FIRST_CONN) else {
+            return;
+        };
+        let Some(Some(conn)) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            conn.readable = true;
+        }
+        if event.is_writable() || event.is_write_closed() || event.is_error() {
+            conn.writable = true;
+        }
+        self.drive(slot, |conn, ctx| conn.drive(ctx));
+    }
+
+    /// Run `step` on the connection in `slot`, then drop it or arm its timer.
+    fn drive(&mut self, slot: usize, step: impl FnOnce(&mut Conn, &mut Ctx<'_>) -> Next) {
+        let Some(Some(conn)) = self.conns.get_mut(slot) else {
+            return;
+        };
+        conn.steps = STEPS_PER_TURN;
+        let next = step(conn, &mut self.ctx);
+        if let Next::Drop = next {
+            return self.remove(slot);
+        }
+        if let Next::Yield = next {
+            self.yielded.push((slot, conn.serial));
+        }
+        if let Some(at) = conn.deadline {
+            if conn.armed.is_none_or(|armed| at < armed) {
+                conn.armed = Some(at);
+                self.timers.push(Reverse((at, slot, conn.serial)));
+            }
+        }
+    }
+
+    /// Give the connections that yielded their next turn.
+    fn resume(&mut self) {
+        for (slot, serial) in std::mem::take(&mut self.yielded) {
+            if matches!(self.conns.get(slot), Some(Some(conn)) if conn.serial == serial) {
+                self.drive(slot, |conn, ctx| conn.drive(ctx));
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
+            let _ = self.registry.deregister(&mut conn.stream);
+            self.free.push(slot);
+        }
+    }
+
+    /// The stop: idle connections now wait only the grace for a last request.
+    fn stop(&mut self) {
+        for slot in 0..self.conns.len() {
+            self.drive(slot, |conn, ctx| conn.stop(ctx));
+        }
+    }
+
+    /// The drain deadline: cut every connection.
+    fn close_all(&mut self) {
+        for slot in 0..self.conns.len() {
+            self.remove(slot);
+        }
+    }
+
+    /// How long until the nearest deadline; zero if a connection yielded.
+    fn next_timeout(&self) -> Option<Duration> {
+        if !self.yielded.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let Reverse((at, _, _)) = self.timers.peek()?;
+        Some(at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Fire the deadlines that have passed.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&Reverse((at, slot, serial))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(Some(conn)) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            // Another connection in the slot, or an entry superseded by an
+            // earlier one.
+            if conn.serial != serial || conn.armed != Some(at) {
+                continue;
+            }
+            conn.armed = None;
+            self.drive(slot, |conn, ctx| match conn.deadline {
+                Some(deadline) if deadline <= now => conn.time_out(ctx),
+                // Moved later meanwhile: wait on (re-armed by `drive`).
+                _ => Next::Wait,
+            });
+        }
+    }
+}
+
+/// What a connection needs next.
+enum Next {
+    /// Readiness or its deadline.
+    Wait,
+    /// Its next turn: it has work left.
+    Yield,
+    /// Nothing: close it now (no graceful close).
+    Drop,
+}
+
+/// Where a connection is in its life.
+enum State {
+    /// Waiting for request bytes; the deadline is the idle timeout, the
+    /// header timeout, or the drain's idle grace.
+    Reading,
+    /// Handling `/sleep`: the response goes out at the deadline.
+    Sleeping { then: Response, keep_alive: bool },
+    /// Writing `out`; then idle (unless `stay_busy`), and closing if `close`.
+    Writing { close: bool, stay_busy: bool },
+    /// FIN sent: discarding what the client still sends until it closes,
+    /// so unread bytes never turn into an RST that destroys the response.
+    Closing,
+}
+
+/// One connection's state machine.
+struct Conn {
+    serial: u64,
+    stream: Stream,
+    conn: Connection,
+    reader: RequestReader,
+    state: State,
+    /// Readiness seen and not yet used up (mio reports edges).
+    readable: bool,
+    writable: bool,
+    out: Vec<u8>,
+    written: usize,
+    deadline: Option<Instant>,
+    /// The deadline of this connection's live entry in the timer heap.
+    armed: Option<Instant>,
+    /// The read deadline must be set anew (new wait, or bytes arrived).
+    rearm: bool,
+    /// The read deadline is the drain's idle grace.
+    in_grace: bool,
+    /// Steps left in this turn of the loop.
+    steps: u32,
+}
+
+/// What one read brought.
+enum Got {
+    Data,
+    WouldBlock,
+    Closed,
+}
+
+impl Conn {
+    fn new(serial: u64, stream: Stream, conn: Connection) -> Self {
+        Conn {
+            serial,
+            stream,
+            conn,
+            reader: RequestReader::new(),
+            state: State::Reading,
+            // Try at once: the request may be there already.
+            readable: true,
+            writable: true,
+            out: Vec::with_capacity(1024),
+            written: 0,
+            deadline: None,
+            armed: None,
+            rearm: true,
+            in_grace: false,
+            steps: STEPS_PER_TURN,
+        }
+    }
+
+    /// Make all the progress readiness allows.
+    fn drive(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        loop {
+            if self.steps == 0 {
+                return Next::Yield;
+            }
+            self.steps -= 1;
+            match self.state {
+                State::Reading => {
+                    match self.reader.next_request() {
+                        Ok(Some(request)) => {
+                            self.conn.set_busy();
+                            self.handle(&request, ctx);
+                            continue;
+                        }
+                        Err(status) => {
+                            self.conn.set_busy();
+                            self.respond(&http::error_response(status), true, false, ctx);
+                            continue;
+                        }
+                        Ok(None) => {}
+                    }
+                    let idle = self.reader.is_idle();
+                    if idle {
+                        self.conn.set_idle();
+                    } else {
+                        self.conn.set_busy();
+                    }
+                    if self.readable {
+                        match self.read(&mut ctx.buf) {
+                            Got::Data => {
+                                self.rearm = true;
+                                continue;
+                            }
+                            Got::WouldBlock => self.readable = false,
+                            Got::Closed => return Next::Drop,
+                        }
+                    }
+                    if self.rearm {
+                        self.rearm = false;
+                        let options = ctx.options;
+                        self.in_grace = idle && self.conn.is_draining();
+                        let timeout = match (idle, self.in_grace) {
+                            (true, true) => options.idle_grace,
+                            (true, false) => options.idle_timeout,
+                            (false, _) => options.header_timeout,
+                        };
+                        self.deadline = Some(Instant::now() + timeout);
+                    }
+                    return Next::Wait;
+                }
+                State::Sleeping { .. } => return Next::Wait,
+                State::Writing { close, stay_busy } => {
+                    while self.written < self.out.len() {
+                        if !self.writable {
+                            return Next::Wait;
+                        }
+                        match self.stream.write(&self.out[self.written..]) {
+                            Ok(0) => return Next::Drop,
+                            Ok(n) => self.written += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                self.writable = false
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => return Next::Drop,
+                        }
+                    }
+                    if !stay_busy {
+                        self.conn.set_idle();
+                    }
+                    if close {
+                        return self.close(ctx);
+                    }
+                    self.state = State::Reading;
+                    self.rearm = true;
+                }
+                State::Closing => {
+                    if !self.readable {
+                        return Next::Wait;
+                    }
+                    match self.read(&mut ctx.buf) {
+                        Got::Data => {}
+                        Got::WouldBlock => self.readable = false,
+                        Got::Closed => return Next::Drop,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The deadline passed.
+    fn time_out(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        self.deadline = None;
+        match std::mem::replace(&mut self.state, State::Reading) {
+            // A request that raced the deadline is served, not cut off.
+            State::Reading if self.reader.is_idle() => match self.read(&mut ctx.buf) {
+                Got::Data => {
+                    self.rearm = true;
+                    self.drive(ctx)
+                }
+                Got::WouldBlock => self.close(ctx),
+                Got::Closed => Next::Drop,
+            },
+            State::Reading => {
+                self.respond(&http::error_response(408), true, true, ctx);
+                self.drive(ctx)
+            }
+            State::Sleeping { then, keep_alive } => {
+                // Decided after the work: a stop during a /sleep still gets a close.
+                let close = !keep_alive || self.conn.is_draining();
+                self.respond(&then, close, false, ctx);
+                self.drive(ctx)
+            }
+            State::Writing { .. } | State::Closing => Next::Drop,
+        }
+    }
+
+    /// The server stopped: an idle connection waits only the grace now.
+    fn stop(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        if matches!(self.state, State::Reading) && self.reader.is_idle() && !self.in_grace {
+            self.rearm = true;
+            return self.drive(ctx);
+        }
+        Next::Wait
+    }
+
+    /// Start answering `request`: now, or at the end of a `/sleep`.
+    fn handle(&mut self, request: &http::Request, ctx: &mut Ctx<'_>) {
+        match http::handle(request, &ctx.info) {
+            Action::Respond(response) => {
+                let close = !request.keep_alive || self.conn.is_draining();
+                self.respond(&response, close, false, ctx);
+            }
+            Action::Sleep { delay, then } => {
+                self.deadline = Some(Instant::now() + delay);
+                self.state = State::Sleeping {
+                    then,
+                    keep_alive: request.keep_alive,
+                };
+            }
+        }
+    }
+
+    fn respond(&mut self, response: &Response, close: bool, stay_busy: bool, ctx: &Ctx<'_>) {
+        self.out.clear();
+        self.written = 0;
+        http::encode(response, &ctx.info, close, &mut self.out);
+        self.deadline = Some(Instant::now() + ctx.options.write_timeout);
+        self.state = State::Writing { close, stay_busy };
+    }
+
+    /// Close without a reset: send FIN, then read until the client closes
+    /// too, for at most the idle grace (and at least 100 ms).
+    fn close(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        if self.stream.shutdown(Shutdown::Write).is_err() {
+            return Next::Drop;
+        }
+        let linger = ctx.options.idle_grace.max(Duration::from_millis(100));
+        self.deadline = Some(Instant::now() + linger);
+        self.state = State::Closing;
+        self.drive(ctx)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Got {
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => return Got::Closed,
+                Ok(n) => {
+                    if matches!(self.state, State::Reading) {
+                        self.reader.push(&buf[..n]);
+                    }
+                    return Got::Data;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Got::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Got::Closed,
+            }
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The demo server over baton-smol: the same server as the tokio one, line
+//! for line (log lines, drain semantics, timeouts), on a multi-threaded
+//! `smol::Executor` with async-io's reactor.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_smol::{Baton, Config, ConnectionState, Listener, Signal, Stream, UpgradeError};
+use smol::future;
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::{Executor, Task, Timer};
+
+use crate::cli::Options;
+use crate::events::{self, Events};
+use crate::http::{self, Action, RequestReader, ServerInfo};
+use crate::Failed;
+
+const BACKEND: &str = "smol";
+
+/// Serve until upgraded or stopped, then drain. Errors are logged.
+///
+/// One executor runs on this thread and on one more thread per extra core,
+/// as tokio's multi-threaded runtime does, so the two compare fairly.
+pub fn run(options: &Options) -> Result<(), Failed> {
+    let executor = Arc::new(Executor::new());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The workers run until `done` is dropped, which closes `shutdown`.
+    let (done, shutdown) = smol::channel::bounded::<()>(1);
+    let mut workers = Vec::new();
+    for index in 1..threads {
+        let executor = executor.clone();
+        let shutdown = shutdown.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("baton-smol-{index}"))
+            .spawn(move || smol::block_on(executor.run(shutdown.recv())));
+        match spawned {
+            Ok(worker) => workers.push(worker),
+            Err(e) => {
+                drop(done);
+                join(workers);
+                return Err(events::fatal(format_args!(
+                    "cannot start the smol executor: {e}"
+                )));
+            }
+        }
+    }
+    // `serve` runs as a task like the connections, so the signal and
+    // upgrade handling is scheduled fairly: the future given to `run` itself
+    // is polled only between batches of tasks, which under load delays a
+    // SIGHUP by many requests.
+    let main = {
+        let options = options.clone();
+        let spawner = executor.clone();
+        executor.spawn(async move { serve(&options, &spawner).await })
+    };
+    let result = smol::block_on(executor.run(main));
+    drop(done);
+    join(workers);
+    result
+}
+
+fn join(workers: Vec<std::thread::JoinHandle<Result<(), smol::channel::RecvError>>>) {
+    for worker in workers {
+        let _ = worker.join();
+    }
+}
+
+/// What woke the main loop.
+enum Event {
+    Signal(Option<Signal>),
+    Stopped,
+}
+
+async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(), Failed> {
+    let config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    let baton = Baton::from_env(config).map_err(events::fatal)?;
+    let events = Events::new(baton.generation(), BACKEND);
+    events.install_as_logger();
+    let fail = |message: String| {
+        events.emit(format_args!("error: {message}"));
+        // Tell the previous generation why, so its upgrade fails with it.
+        let _ = baton.report_error(&message);
+        Failed
+    };
+
+    let info = Arc::new(ServerInfo {
+        pid: std::process::id(),
+        generation: baton.generation(),
+        backend: BACKEND,
+    });
+    let mut accept_loops = Vec::new();
+    for (index, addr) in options.listen.iter().enumerate() {
+        let name = Options::listener_name(index);
+        let (listener, origin) = baton
+            .listen_with_origin(&name, addr)
+            .map_err(|e| fail(e.to_string()))?;
+        let local = listener.local_addr().unwrap_or_else(|_| addr.to_string());
+        let origin = match origin {
+            baton_smol::Origin::Inherited => "inherited",
+            baton_smol::Origin::Bound => "bound",
+        };
+        events.emit(format_args!("listening on {local} ({name}, {origin})"));
+        accept_loops.push(executor.spawn(accept_loop(
+            listener,
+            baton.clone(),
+            info.clone(),
+            options.clone(),
+            events.clone(),
+            executor.clone(),
+        )));
+    }
+    let mut signals = baton
+        .signals()
+        .map_err(|e| fail(format!("cannot handle signals: {e}")))?;
+    if let Err(e) = baton.ready() {
+        events.emit(format_args!("warning: {e}; serving anyway"));
+    }
+    events.emit("serving");
+
+    let stop = baton.stop_token();
+    let mut upgrade: Option<Task<()>> = None;
+    loop {
+        let signal = async { Event::Signal(signals.recv().await) };
+        let stopped = async {
+            stop.stopped().await;
+            Event::Stopped
+        };
+        match future::or(signal, stopped).await {
+            Event::Signal(Some(Signal::Upgrade)) => match baton.start_upgrade() {
+                Ok(pending) => {
+                    events.emit(format_args!(
+                        "upgrade started: new process {}",
+                        pending.pid()
+                    ));
+                    let events = events.clone();
+                    let task = executor.spawn(async move {
+                        match pending.ready().await {
+                            Ok(done) => events.emit(format_args!(
+                                "upgrade done: pid {} generation {} ready after {} ms",
+                                done.pid,
+                                done.generation,
+                                done.time_to_ready.as_millis()
+                            )),
+                            Err(UpgradeError::Stopping) => {
+                                events.emit("upgrade abandoned: the server is stopping")
+                            }
+                            Err(e) => {
+                                events.emit(format_args!("upgrade failed: {e}; still serving"))
+                            }
+                        }
+                    });
+                    // A smol task is cancelled when dropped: let an earlier
+                    // one finish logging its outcome.
+                    if let Some(earlier) = upgrade.replace(task) {
+                        earlier.detach();
+                    }
+                }
+                Err(e) => events.emit(format_args!("upgrade failed: {e}; still serving")),
+            },
+            Event::Signal(Some(Signal::Stop)) => {
+                events.emit("stopping: signal received");
+                baton.stop();
+            }
+            Event::Signal(None) | Event::Stopped => break,
+        }
+    }
+    // Let the upgrade task log its outcome before the drain lines; after a
+    // stop it finishes at once.
+    if let Some(task) = upgrade {
+        task.await;
+    }
+    for task in accept_loops {
+        task.await;
+    }
+    events.emit(format_args!(
+        "draining {} connections",
+        baton.tracker().open()
+    ));
+    let report = baton.drain(options.drain_timeout).await;
+    events.emit(format_args!("drained: {report}"));
+    events.emit("exit");
+    Ok(())
+}
+
+/// Accept until stopped, then drop the listener: this process stops taking
+/// connections from the shared queue, and the next generation takes them all.
+async fn accept_loop(
+    listener: Listener,
+    baton: Baton,
+    info: Arc<ServerInfo>,
+    options: Options,
+    events: Events,
+    executor: Arc<Executor<'static>>,
+) {
+    let stop = baton.stop_token();
+    let tracker = baton.tracker();
+    loop {
+        // `or` prefers its first future: a stop wins over a ready connection.
+        let stopped = async {
+            stop.stopped().await;
+            None
+        };
+        let accepted = async { Some(listener.accept().await) };
+        let Some(accepted) = future::or(stopped, accepted).await else {
+            break;
+        };
+        match accepted {
+            Ok(stream) => {
+                let conn = tracker.track();
+                executor
+                    .spawn(serve_connection(
+                        stream,
+                        conn,
+                        info.clone(),
+                        options.clone(),
+                    ))
+                    .detach();
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                // EMFILE and friends: accepting again at once would spin.
+                events.emit(format_args!("warning: accept: {e}; backing off"));
+                let stopped = async {
+                    stop.stopped().await;
+                    true
+                };
+                let backed_off = async {
+                    Timer::after(Duration::from_millis(100)).await;
+                    false
+                };
+                if future::or(stopped, backed_off).await {
+                    break;
+                }
+            }
+            // A connection reset before we accepted it concerns that client only.
+            Err(_) => {}
+        }
+    }
+}
+
+fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// `work`, or `None` once `duration` has passed.
+async fn timeout<T>(duration: Duration, work: impl Future<Output = T>) -> Option<T> {
+    let work = async { Some(work.await) };
+    let timer = async {
+        Timer::after(duration).await;
+        None
+    };
+    future::or(work, timer).await
+}
+
+/// What ended a connection's wait for more request bytes.
+enum Wake {
+    /// The read finished (`Some`) or timed out (`None`).
+    Read(Option<std::io::Result<usize>>),
+    /// The server stopped while the connection was idle.
+    Stopped,
+    /// The drain deadline passed.
+    Forced,
+}
+
+/// One keep-alive connection, with the drain semantics of DESIGN.md: after
+/// stop, a request in progress is finished and answered with
+/// `Connection: close`; an idle connection waits `idle_grace` for one last
+/// request, then closes.
+async fn serve_connection(
+    mut stream: Stream,
+    mut conn: baton_smol::Connection,
+    info: Arc<ServerInfo>,
+    options: Options,
+) {
+    let tracker = conn.tracker().clone();
+    let stop = tracker.stop_token().clone();
+    let mut reader = RequestReader::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let request = match reader.next_request() {
+            Ok(Some(request)) => request,
+            Ok(None) => {
+                let idle = reader.is_idle();
+                if idle {
+                    conn.set_idle();
+                } else {
+                    conn.set_busy();
+                }
+                let timeout_for = match (idle, conn.is_draining()) {
+                    (true, true) => options.idle_grace,
+                    (true, false) => options.idle_timeout,
+                    (false, _) => options.header_timeout,
+                };
+                // Stop while idle: re-enter the loop to wait only the grace.
+                let watch_stop = idle && !conn.is_draining();
+                let read = async { Wake::Read(timeout(timeout_for, stream.read(&mut buf)).await) };
+                let stopped = async {
+                    if watch_stop {
+                        stop.stopped().await;
+                        Wake::Stopped
+                    } else {
+                        future::pending().await
+                    }
+                };
+                let forced = async {
+                    tracker.forced().await;
+                    Wake::Forced
+                };
+                let wake = future::or(read, future::or(stopped, forced)).await;
+                match wake {
+                    Wake::Stopped => continue,
+                    Wake::Forced => return,
+                    Wake::Read(Some(Ok(0)) | Some(Err(_))) => return,
+                    Wake::Read(Some(Ok(n))) => reader.push(&buf[..n]),
+                    Wake::Read(None) if idle => return close(stream, &options).await,
+                    Wake::Read(None) => {
+                        respond_error(&mut stream, 408, &info, &mut out).await;
+                        return close(stream, &options).await;
+                    }
+                }
+                continue;
+            }
+            Err(status) => {
+                conn.set_busy();
+                respond_error(&mut stream, status, &info, &mut out).await;
+                conn.set_idle();
+                return close(stream, &options).await;
+            }
+        };
+        conn.set_busy();
+        let response = match http::handle(&request, &info) {
+            Action::Respond(response) => response,
+            Action::Sleep { delay, then } => {
+                let slept = async {
+                    Timer::after(delay).await;
+                    Some(then)
+                };
+                let forced = async {
+                    tracker.forced().await;
+                    None
+                };
+                match future::or(slept, forced).await {
+                    Some(response) => response,
+                    None => return,
+                }
+            }
+        };
+        // Decided after the work: a stop during a /sleep still gets a close.
+        let closing = !request.keep_alive || conn.is_draining();
+        out.clear();
+        http::encode(&response, &info, closing, &mut out);
+        let written = async { Some(timeout(options.write_timeout, stream.write_all(&out)).await) };
+        let forced = async {
+            tracker.forced().await;
+            None
+        };
+        if !matches!(future::or(written, forced).await, Some(Some(Ok(())))) {
+            return;
+        }
+        conn.set_idle();
+        if closing {
+            return close(stream, &options).await;
+        }
+    }
+}
+
+async fn respond_error(stream: &mut Stream, status: u16, info: &ServerInfo, out: &mut Vec<u8>) {
+    out.clear();
+    http::encode(&http::error_response(status), info, true, out);
+    let _ = stream.write_all(out).await;
+}
+
+/// Close without a reset: send FIN, then read what the client still sends
+/// until it closes too (bounded), so unread bytes never turn into an RST
+/// that would destroy the response in flight.
+async fn close(mut stream: Stream, options: &Options) {
+    // baton-smol's close shuts down the write half only.
+    if stream.close().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let _ = timeout(options.idle_grace.max(Duration::from_millis(100)), async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
