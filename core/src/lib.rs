@@ -54,6 +54,13 @@ mod sys;
 mod tracker;
 
 pub use error::Error;
+
+/// True if the peer of the Unix socket `fd` runs as this process's user or
+/// as root: the check a control socket makes before it obeys (`SO_PEERCRED`).
+pub fn peer_is_trusted(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<bool> {
+    let uid = sys::peer_uid(fd)?;
+    Ok(uid == 0 || uid == sys::effective_uid())
+}
 pub use generation::{current_program, Config, Generation, SuccessorWatch};
 pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
 pub use stop::{StopReason, StopSignal, StopToken};

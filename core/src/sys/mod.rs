@@ -419,6 +419,31 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) ->
     Ok(n > 0)
 }
 
+/// The uid of the process at the other end of a Unix socket (`SO_PEERCRED`),
+/// for a control socket that answers only its owner.
+pub(crate) fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        (&mut cred as *mut libc::ucred).cast(),
+        &mut len,
+    ))?;
+    Ok(cred.uid)
+}
+
+/// This process's effective uid.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
 /// What a socket is, read from the kernel rather than assumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SocketInfo {
@@ -489,6 +514,12 @@ mod tests {
         let mut buf = [0u8; 4];
         let err = super::read(read.as_fd(), &mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn peer_uid_of_a_socketpair_is_our_own() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(peer_uid(a.as_fd()).unwrap(), effective_uid());
     }
 
     #[test]
