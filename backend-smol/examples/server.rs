@@ -7,6 +7,7 @@
 //! SIGTERM), each connection finishes the echo it is writing, is told `bye`
 //! and closed; the old process exits once they all are. New connections go
 //! to the new generation.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

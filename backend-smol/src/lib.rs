@@ -74,8 +74,8 @@ use async_io::{Async, Timer};
 use futures_lite::{future, StreamExt};
 
 pub use baton_core::{
-    Config, Connection, ConnectionState, DrainReport, Error, ListenAddr, Origin, StopReason,
-    StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
+    Config, Connection, ConnectionState, DrainReport, Error, ExitStatus, ListenAddr, Origin,
+    StopReason, StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
 };
 pub use listener::{Listener, Stream};
 
@@ -199,6 +199,83 @@ impl Baton {
         }
         tracker.report()
     }
+
+    /// Drain after a stop, like [`drain`](Self::drain); after an upgrade,
+    /// also watch the new generation until the drain is over and at least
+    /// `watch` has passed. If the new generation dies in that window, this
+    /// generation serves again: the stop token is re-armed, and the
+    /// application restarts its accept loops on [`reopen`](Self::reopen)ed
+    /// listeners. Until this process exits it holds its listening sockets,
+    /// so the port is never left unserved.
+    pub async fn drain_watching(
+        &self,
+        timeout: Duration,
+        watch: Duration,
+    ) -> Result<DrainOutcome, Error> {
+        let Some(successor) = self.generation.watch_successor()? else {
+            return Ok(DrainOutcome::Drained(self.drain(timeout).await));
+        };
+        let pid = successor.pid();
+        let watch_over = Timer::after(watch);
+        // The successor's pidfd turns readable when it exits: the reactor
+        // watches it, no SIGCHLD handler and no thread. Checked before each
+        // wait, so a death before the registration is not missed.
+        let successor = Async::new_nonblocking(successor).map_err(Error::Watch)?;
+        let died = async {
+            loop {
+                if let Some(status) = successor.get_ref().exited()? {
+                    return Ok::<_, Error>(Watched::Died(status));
+                }
+                successor.readable().await.map_err(Error::Watch)?;
+            }
+        };
+        let drained = async {
+            let report = self.drain(timeout).await;
+            watch_over.await;
+            Ok(Watched::Drained(report))
+        };
+        match future::or(drained, died).await? {
+            Watched::Drained(report) => Ok(DrainOutcome::Drained(report)),
+            Watched::Died(status) => {
+                self.generation.resume(status);
+                Ok(DrainOutcome::Resumed {
+                    successor: pid,
+                    status,
+                })
+            }
+        }
+    }
+
+    /// Another listener on the socket `name` this generation holds, for
+    /// accept loops restarted after [`DrainOutcome::Resumed`].
+    pub fn reopen(&self, name: &str) -> Result<Listener, Error> {
+        let socket = self.generation.reopen(name)?;
+        baton_core::ListenerHandoff::from_listen_socket(socket).map_err(|source| Error::Listen {
+            name: name.to_owned(),
+            addr: "(held)".to_owned(),
+            source,
+        })
+    }
+}
+
+/// How [`Baton::drain_watching`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection closed (or was forced at the deadline): exit now.
+    Drained(DrainReport),
+    /// The new generation died while this one drained: this one serves again.
+    Resumed {
+        /// The pid of the generation that died.
+        successor: u32,
+        /// How it ended.
+        status: ExitStatus,
+    },
+}
+
+/// Which side of [`Baton::drain_watching`] finished first.
+enum Watched {
+    Drained(DrainReport),
+    Died(ExitStatus),
 }
 
 /// Run `work` for at most `timeout`; true if it finished.

@@ -38,6 +38,16 @@ fn scripts() -> &'static Path {
 printf 1 >&"$BATON_READY_FD""#,
             ),
             ("exit3.sh", "exit 3"),
+            // Ready, then dies while the old generation drains.
+            (
+                "ready_then_exit5.sh",
+                r#"printf 1 >&"$BATON_READY_FD"; exit 5"#,
+            ),
+            // Ready, then serves (sleeps) until killed.
+            (
+                "ready_then_stay.sh",
+                r#"printf 1 >&"$BATON_READY_FD"; exec sleep 30"#,
+            ),
             ("silent.sh", "exec sleep 30"),
             (
                 "error.sh",
@@ -363,4 +373,51 @@ fn handoff_child() {
         stream.write_all(reply.as_bytes()).await.expect("write");
         stream.close().await.expect("close");
     });
+}
+
+#[test]
+fn a_successor_dying_during_the_drain_makes_this_generation_serve_again() {
+    let baton = baton_with_script("ready_then_exit5.sh", BOUND);
+    let listener = baton.listen("http", &loopback()).expect("listen");
+    let addr = tcp_addr(&listener);
+    let upgraded = bounded(baton.upgrade()).expect("upgraded");
+    drop(listener); // the accept loop ends on the stop
+    assert!(baton.is_stopped());
+    let outcome = bounded(baton.drain_watching(BOUND, BOUND)).expect("watch the successor");
+    assert_eq!(
+        outcome,
+        DrainOutcome::Resumed {
+            successor: upgraded.pid,
+            status: ExitStatus::Exited(5)
+        }
+    );
+    assert!(!baton.is_stopped(), "the stop token is re-armed");
+    // The port was held all along; a reopened listener accepts on it.
+    let listener = baton.reopen("http").expect("reopen");
+    let _client = TcpStream::connect(addr).expect("connect");
+    bounded(listener.accept()).expect("accept after resuming");
+}
+
+#[test]
+fn a_successor_alive_past_the_watch_lets_this_generation_exit() {
+    let baton = baton_with_script("ready_then_stay.sh", BOUND);
+    let pending = baton.start_upgrade().expect("start");
+    let child = pending.pid();
+    bounded(pending.ready()).expect("upgraded");
+    let outcome = bounded(baton.drain_watching(BOUND, Duration::from_millis(100)));
+    assert!(
+        matches!(outcome, Ok(DrainOutcome::Drained(_))),
+        "{outcome:?}"
+    );
+    assert!(baton.is_stopped());
+    nix::sys::signal::kill(pid(child), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    assert!(matches!(reap(child), WaitStatus::Signaled(..)));
+}
+
+#[test]
+fn drain_watching_without_an_upgrade_only_drains() {
+    let baton = Baton::from_env(Config::default()).expect("a generation");
+    baton.stop();
+    let outcome = bounded(baton.drain_watching(BOUND, BOUND)).expect("drain");
+    assert_eq!(outcome, DrainOutcome::Drained(DrainReport::default()));
 }

@@ -6,7 +6,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_smol::{Baton, Config, ConnectionState, Listener, Signal, Stream, UpgradeError};
+use baton_smol::{
+    Baton, Config, ConnectionState, DrainOutcome, Listener, Signal, Signals, Stream, UpgradeError,
+};
 use smol::future;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::{Executor, Task, Timer};
@@ -66,7 +68,7 @@ fn join(workers: Vec<std::thread::JoinHandle<Result<(), smol::channel::RecvError
     }
 }
 
-/// What woke the main loop.
+/// What woke the signal loop.
 enum Event {
     Signal(Option<Signal>),
     Stopped,
@@ -89,7 +91,7 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
         generation: baton.generation(),
         backend: BACKEND,
     });
-    let mut accept_loops = Vec::new();
+    let mut listeners = Vec::new();
     for (index, addr) in options.listen.iter().enumerate() {
         let name = Options::listener_name(index);
         let (listener, origin) = baton
@@ -101,14 +103,7 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
             baton_smol::Origin::Bound => "bound",
         };
         events.emit(format_args!("listening on {local} ({name}, {origin})"));
-        accept_loops.push(executor.spawn(accept_loop(
-            listener,
-            baton.clone(),
-            info.clone(),
-            options.clone(),
-            events.clone(),
-            executor.clone(),
-        )));
+        listeners.push(listener);
     }
     let mut signals = baton
         .signals()
@@ -118,6 +113,71 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
     }
     events.emit("serving");
 
+    // One round per period of serving: normally one, a second one if the
+    // new generation died while this one drained.
+    loop {
+        let accept_loops: Vec<Task<()>> = listeners
+            .drain(..)
+            .map(|listener| {
+                executor.spawn(accept_loop(
+                    listener,
+                    baton.clone(),
+                    info.clone(),
+                    options.clone(),
+                    events.clone(),
+                    executor.clone(),
+                ))
+            })
+            .collect();
+        handle_signals(&baton, &mut signals, &events, executor).await;
+        for task in accept_loops {
+            task.await;
+        }
+        events.emit(format_args!(
+            "draining {} connections",
+            baton.tracker().open()
+        ));
+        let outcome = baton
+            .drain_watching(options.drain_timeout, options.successor_watch)
+            .await;
+        match outcome {
+            Ok(DrainOutcome::Drained(report)) => {
+                events.emit(format_args!("drained: {report}"));
+                break;
+            }
+            Ok(DrainOutcome::Resumed { successor, status }) => {
+                events.emit(format_args!(
+                    "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
+                ));
+                for index in 0..options.listen.len() {
+                    let name = Options::listener_name(index);
+                    match baton.reopen(&name) {
+                        Ok(listener) => listeners.push(listener),
+                        Err(e) => events.emit(format_args!("error: {e}")),
+                    }
+                }
+            }
+            Err(e) => {
+                events.emit(format_args!("warning: {e}; draining without watching"));
+                let report = baton.drain(options.drain_timeout).await;
+                events.emit(format_args!("drained: {report}"));
+                break;
+            }
+        }
+    }
+    events.emit("exit");
+    Ok(())
+}
+
+/// Act on signals until this generation stops: SIGHUP upgrades (one at a
+/// time), SIGTERM/SIGINT stop. Returns once stopped and any upgrade has
+/// logged its outcome.
+async fn handle_signals(
+    baton: &Baton,
+    signals: &mut Signals,
+    events: &Events,
+    executor: &Arc<Executor<'static>>,
+) {
     let stop = baton.stop_token();
     let mut upgrade: Option<Task<()>> = None;
     loop {
@@ -170,17 +230,6 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
     if let Some(task) = upgrade {
         task.await;
     }
-    for task in accept_loops {
-        task.await;
-    }
-    events.emit(format_args!(
-        "draining {} connections",
-        baton.tracker().open()
-    ));
-    let report = baton.drain(options.drain_timeout).await;
-    events.emit(format_args!("drained: {report}"));
-    events.emit("exit");
-    Ok(())
 }
 
 /// Accept until stopped, then drop the listener: this process stops taking
