@@ -57,8 +57,15 @@
 //!                 Event::UpgradeDone(Ok(upgraded)) => eprintln!("upgraded: {upgraded}"),
 //!                 Event::UpgradeDone(Err(e)) => eprintln!("upgrade failed, still serving: {e}"),
 //!                 Event::Shutdown => baton.stop(),
-//!                 // Listeners are closed; let the connections finish.
-//!                 Event::Stop { .. } => baton.drain(Duration::from_secs(30)),
+//!                 // Listeners are closed; let the connections finish, and
+//!                 // after an upgrade serve again if the new generation dies.
+//!                 Event::Stop { .. } => {
+//!                     let (timeout, watch) = (Duration::from_secs(30), Duration::from_secs(2));
+//!                     if baton.drain_watching(timeout, watch).is_err() {
+//!                         baton.drain(timeout);
+//!                     }
+//!                 }
+//!                 Event::Resumed { successor, .. } => eprintln!("{successor} died: serving again"),
 //!                 Event::ForceClose => { /* drop every connection now */ }
 //!                 Event::Drained(report) => {
 //!                     eprintln!("drained: {report}");
@@ -75,7 +82,7 @@
 //! }
 //! ```
 //!
-//! A whole server is in `examples/server.rs`; the demo's mio backend
+//! A whole server is in `examples/mio_server.rs`; the demo's mio backend
 //! (`baton-demo --backend mio`) drives HTTP/1.1 connections as explicit
 //! state machines on top of it.
 #![forbid(unsafe_code)]
@@ -85,26 +92,27 @@ mod listener;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use baton_core::{Generation, PendingUpgrade};
+use baton_core::{Generation, PendingUpgrade, Successor, SuccessorWatch};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token, Waker};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 pub use baton_core::{
-    Config, Connection, ConnectionState, DrainReport, ListenAddr, Origin, StopReason, StopSignal,
-    StopToken, Tracker, UpgradeError, Upgraded,
+    Config, Connection, ConnectionState, DrainReport, ExitStatus, ListenAddr, Origin, StopReason,
+    StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
 };
 pub use listener::{Listener, Stream};
 
 /// How many tokens a [`Baton`] reserves, from the first one it is given:
-/// its waker, its signals, the readiness fd of an upgrade, and one per
-/// listener (so at most `TOKENS - 3` listeners).
+/// its waker, its signals, the readiness fd of an upgrade, the watch on the
+/// next generation, and one per listener (so at most `TOKENS - 4`
+/// listeners).
 pub const TOKENS: usize = 64;
 
 /// How long a listener is left alone after an accept error such as
@@ -124,7 +132,8 @@ const FORCE_GRACE: Duration = Duration::from_secs(1);
 const WAKER: usize = 0;
 const SIGNALS: usize = 1;
 const UPGRADE: usize = 2;
-const FIRST_LISTENER: usize = 3;
+const WATCH: usize = 3;
+const FIRST_LISTENER: usize = 4;
 
 /// Why a [`Baton`] could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -184,14 +193,27 @@ pub enum Event {
     },
     /// The drain deadline passed: close every connection now.
     ForceClose,
-    /// Every connection has closed (or the deadline and its grace passed):
-    /// how they ended. The application can exit.
+    /// Every connection has closed (or the deadline and its grace passed),
+    /// and the watch on the next generation is over: how they ended. The
+    /// application can exit.
     Drained(DrainReport),
+    /// The next generation died while this one drained (see
+    /// [`Baton::drain_watching`]): this one serves again. Its listeners are
+    /// open and registered again, [`Baton::is_stopped`] is false, and the
+    /// application's connections go on as before the stop.
+    Resumed {
+        /// The pid of the generation that died.
+        successor: u32,
+        /// How it ended.
+        status: ExitStatus,
+    },
 }
 
 /// One listener and its accept back-off.
 #[derive(Debug)]
 struct ListenerSlot {
+    /// Its name, to reopen it if this generation serves again.
+    name: String,
     listener: Option<Listener>,
     /// Set after an accept error; readiness is ignored until then.
     paused_until: Option<Instant>,
@@ -208,6 +230,11 @@ struct Drain {
     deadline: Instant,
     /// Set once connections were forced: when to report regardless.
     give_up: Option<Instant>,
+    /// The next generation, watched until the drain is reported.
+    successor: Option<SuccessorWatch>,
+    /// The drain is not reported before this: the watch lasts at least
+    /// until then.
+    not_before: Instant,
     reported: bool,
 }
 
@@ -328,6 +355,7 @@ impl Baton {
             .register(&mut listener, token, Interest::READABLE)
             .map_err(Error::Register)?;
         self.listeners.push(ListenerSlot {
+            name: name.to_owned(),
             listener: Some(listener),
             paused_until: None,
             budget: ACCEPT_BATCH,
@@ -457,12 +485,52 @@ impl Baton {
     /// does a second call.
     pub fn drain(&mut self, timeout: Duration) {
         if self.drain.is_none() && self.is_stopped() {
+            let now = Instant::now();
             self.drain = Some(Drain {
-                deadline: Instant::now() + timeout,
+                deadline: now + timeout,
                 give_up: None,
+                successor: None,
+                not_before: now,
                 reported: false,
             });
         }
+    }
+
+    /// Like [`drain`](Self::drain); after an upgrade, also watch the new
+    /// generation until the drain is over and at least `watch` has passed.
+    /// If it dies in that window (killed, or an exit status other than 0:
+    /// a clean exit means it handed over in turn or was stopped on
+    /// purpose), this generation serves again:
+    /// [`Event::Resumed`] comes instead of [`Event::Drained`]. Until this
+    /// process exits it holds its listening sockets, so the port is never
+    /// left unserved. On an error nothing has started: call `drain`.
+    pub fn drain_watching(&mut self, timeout: Duration, watch: Duration) -> Result<(), Error> {
+        if self.drain.is_some() || !self.is_stopped() {
+            return Ok(());
+        }
+        let successor = self.generation.watch_successor()?;
+        if let Some(successor) = &successor {
+            self.registry
+                .register(
+                    &mut SourceFd(&successor.as_fd().as_raw_fd()),
+                    self.token(WATCH),
+                    Interest::READABLE,
+                )
+                .map_err(Error::Register)?;
+        }
+        let now = Instant::now();
+        self.drain = Some(Drain {
+            deadline: now + timeout,
+            give_up: None,
+            not_before: if successor.is_some() {
+                now + watch
+            } else {
+                now
+            },
+            successor,
+            reported: false,
+        });
+        Ok(())
     }
 
     /// How long the loop may block before baton has something to do:
@@ -470,23 +538,30 @@ impl Baton {
     /// Call it right before `Poll::poll`, after the application has dropped
     /// its closed connections, so a drain that just completed is noticed.
     pub fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
         if !self.events.is_empty()
             || self.stop_pending()
-            || self.drain_complete()
+            || self.drain_complete(now)
             || self.listeners.iter().any(|slot| slot.more)
         {
             return Some(Duration::ZERO);
         }
+        let drain = self.drain.as_ref().filter(|d| !d.reported);
+        // Only instants that change something when they pass, so a passed
+        // one cannot turn into a busy loop.
         let deadlines = [
             self.upgrade.as_ref().map(PendingUpgrade::deadline),
-            self.drain
-                .as_ref()
-                .filter(|d| !d.reported)
-                .map(|d| d.give_up.unwrap_or(d.deadline)),
+            drain.map(|d| d.give_up.unwrap_or(d.deadline)),
+            drain.map(|d| d.not_before),
         ];
         let paused = self.listeners.iter().filter_map(|slot| slot.paused_until);
-        let next = deadlines.into_iter().flatten().chain(paused).min()?;
-        Some(next.saturating_duration_since(Instant::now()))
+        let next = deadlines
+            .into_iter()
+            .flatten()
+            .chain(paused)
+            .filter(|&at| at > now)
+            .min()?;
+        Some(next.saturating_duration_since(now))
     }
 
     /// Handle the readiness of baton's sources among `events` and the
@@ -506,6 +581,7 @@ impl Baton {
             match offset {
                 SIGNALS => self.read_signals(),
                 UPGRADE => self.poll_upgrade(),
+                WATCH => self.check_successor(),
                 n if (FIRST_LISTENER..TOKENS).contains(&n) => {
                     let id = ListenerId(n - FIRST_LISTENER);
                     self.announce(id);
@@ -522,7 +598,8 @@ impl Baton {
     /// [`process`](Self::process).
     pub fn next_event(&mut self) -> Option<Event> {
         self.check_stop();
-        if self.drain_complete() {
+        if self.drain_complete(Instant::now()) {
+            self.end_watch();
             if let Some(drain) = self.drain.as_mut() {
                 drain.reported = true;
             }
@@ -623,19 +700,81 @@ impl Baton {
             }
         }
         if let Some(drain) = self.drain.as_mut().filter(|d| !d.reported) {
-            match drain.give_up {
-                None if drain.deadline <= now => {
-                    self.generation.tracker().force_close();
-                    drain.give_up = Some(now + FORCE_GRACE);
-                    self.events.push_back(Event::ForceClose);
-                }
-                Some(give_up) if give_up <= now => {
-                    drain.reported = true;
-                    let report = self.generation.tracker().report();
-                    self.events.push_back(Event::Drained(report));
-                }
-                _ => {}
+            if drain.give_up.is_none() && drain.deadline <= now {
+                self.generation.tracker().force_close();
+                drain.give_up = Some(now + FORCE_GRACE);
+                self.events.push_back(Event::ForceClose);
             }
+        }
+    }
+
+    /// The watched successor's pidfd is readable: it exited. Serve again.
+    fn check_successor(&mut self) {
+        let Some(successor) = self.drain.as_ref().and_then(|d| d.successor.as_ref()) else {
+            return;
+        };
+        let pid = successor.pid();
+        match successor.check() {
+            Ok(Successor::Exited) => {
+                log::info!("new process {pid} exited cleanly: not serving again");
+                self.end_watch();
+            }
+            Ok(Successor::Failed(status)) => self.resume(pid, status),
+            Ok(Successor::Running) => {}
+            Err(e) => {
+                log::warn!("cannot watch new process {pid} any more: {e}");
+                self.end_watch();
+            }
+        }
+    }
+
+    /// Stop watching the successor.
+    fn end_watch(&mut self) {
+        if let Some(successor) = self.drain.as_mut().and_then(|d| d.successor.take()) {
+            let _ = self
+                .registry
+                .deregister(&mut SourceFd(&successor.as_fd().as_raw_fd()));
+        }
+    }
+
+    /// The successor died while this generation drained: take the
+    /// generation back, reopen and register the listeners.
+    fn resume(&mut self, successor: u32, status: ExitStatus) {
+        self.end_watch();
+        self.drain = None;
+        self.stop_seen = false;
+        self.generation.resume(status);
+        for index in 0..self.listeners.len() {
+            let name = self.listeners[index].name.clone();
+            let reopened = self.generation.reopen(&name).and_then(|socket| {
+                baton_core::ListenerHandoff::from_listen_socket(socket).map_err(|source| {
+                    baton_core::Error::Listen {
+                        name: name.clone(),
+                        addr: "(held)".to_owned(),
+                        source,
+                    }
+                })
+            });
+            let mut listener: Listener = match reopened {
+                Ok(listener) => listener,
+                Err(e) => {
+                    log::error!("{e}");
+                    continue;
+                }
+            };
+            let token = self.token(FIRST_LISTENER + index);
+            if let Err(e) = self
+                .registry
+                .register(&mut listener, token, Interest::READABLE)
+            {
+                log::error!("cannot listen on {name:?} again: {e}");
+                continue;
+            }
+            self.listeners[index].listener = Some(listener);
+        }
+        self.events.push_back(Event::Resumed { successor, status });
+        for index in 0..self.listeners.len() {
+            self.announce(ListenerId(index));
         }
     }
 
@@ -669,9 +808,15 @@ impl Baton {
         self.events.push_back(Event::Stop { reason });
     }
 
-    /// The drain runs, is not reported yet, and no connection is open.
-    fn drain_complete(&self) -> bool {
-        self.drain.as_ref().is_some_and(|d| !d.reported) && self.generation.tracker().open() == 0
+    /// The drain runs, is not reported yet, its watch is over, and no
+    /// connection is open (or the deadline and its grace have passed).
+    fn drain_complete(&self, now: Instant) -> bool {
+        self.drain.as_ref().is_some_and(|d| {
+            !d.reported
+                && d.not_before <= now
+                && (self.generation.tracker().open() == 0
+                    || d.give_up.is_some_and(|give_up| give_up <= now))
+        })
     }
 }
 

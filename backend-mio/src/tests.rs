@@ -279,3 +279,80 @@ fn a_flood_of_connections_is_accepted_in_batches() {
     assert_eq!(lp.baton.next_timeout(), None, "all accepted: block");
     assert_eq!(lp.baton.tracker().open(), ACCEPT_BATCH + extra);
 }
+
+/// The script of a next generation that reports ready, then `rest`.
+fn ready_then(rest: &str) -> String {
+    format!("printf 1 >&4; {rest}")
+}
+
+#[test]
+fn the_old_generation_serves_again_if_the_new_one_dies_while_it_drains() {
+    let mut lp = Loop::upgrading_to(&ready_then("exit 7"), WAIT);
+    let (id, addr) = lp.listen();
+    let pid = lp.baton.start_upgrade().unwrap();
+    assert!(matches!(lp.next(), Event::UpgradeDone(Ok(_))));
+    assert!(matches!(lp.next(), Event::Stop { .. }));
+    assert!(lp.baton.listener(id).is_none());
+    lp.baton.drain_watching(WAIT, WAIT).unwrap();
+    match lp.next() {
+        Event::Resumed { successor, status } => {
+            assert_eq!(
+                (successor, status),
+                (pid, baton_core::ExitStatus::Exited(7))
+            );
+        }
+        other => panic!("expected to serve again: {other:?}"),
+    }
+    assert!(!lp.baton.is_stopped());
+    assert!(lp.baton.listener(id).is_some(), "listener reopened");
+    let _client = TcpStream::connect(addr).unwrap();
+    assert!(matches!(lp.next(), Event::Accept { listener } if listener == id));
+    assert!(lp.baton.accept(id).unwrap().is_some());
+    // A second stop drains as the first would have.
+    lp.baton.stop();
+    assert!(matches!(lp.next(), Event::Stop { .. }));
+}
+
+#[test]
+fn the_drain_waits_out_the_watch_on_a_new_generation_that_lives() {
+    let mut lp = Loop::upgrading_to(&ready_then("exec sleep 30"), WAIT);
+    lp.listen();
+    let pid = lp.baton.start_upgrade().unwrap();
+    assert!(matches!(lp.next(), Event::UpgradeDone(Ok(_))));
+    assert!(matches!(lp.next(), Event::Stop { .. }));
+    let watch = Duration::from_millis(200);
+    let started = Instant::now();
+    lp.baton.drain_watching(WAIT, watch).unwrap();
+    let wait = lp.baton.next_timeout().expect("the end of the watch");
+    assert!(
+        !wait.is_zero() && wait <= watch,
+        "{wait:?}: block until then"
+    );
+    assert!(matches!(lp.next(), Event::Drained(_)));
+    assert!(
+        started.elapsed() >= watch,
+        "reported before the watch ended"
+    );
+    let killed = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+#[test]
+fn a_new_generation_that_exits_cleanly_is_not_replaced() {
+    // Exit 0 is what a generation does after handing over in turn, or when
+    // stopped on purpose: the old one must not serve beside the newest.
+    let mut lp = Loop::upgrading_to(&ready_then("exit 0"), WAIT);
+    let (id, _) = lp.listen();
+    lp.baton.start_upgrade().unwrap();
+    assert!(matches!(lp.next(), Event::UpgradeDone(Ok(_))));
+    assert!(matches!(lp.next(), Event::Stop { .. }));
+    lp.baton
+        .drain_watching(WAIT, Duration::from_millis(100))
+        .unwrap();
+    assert!(matches!(lp.next(), Event::Drained(_)));
+    assert!(lp.baton.is_stopped());
+    assert!(lp.baton.listener(id).is_none());
+}

@@ -75,7 +75,7 @@ use futures_lite::{future, StreamExt};
 
 pub use baton_core::{
     Config, Connection, ConnectionState, DrainReport, Error, ExitStatus, ListenAddr, Origin,
-    StopReason, StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
+    StopReason, StopSignal, StopToken, Successor, Tracker, UpgradeError, Upgraded,
 };
 pub use listener::{Listener, Stream};
 
@@ -223,8 +223,11 @@ impl Baton {
         let successor = Async::new_nonblocking(successor).map_err(Error::Watch)?;
         let died = async {
             loop {
-                if let Some(status) = successor.get_ref().exited()? {
-                    return Ok::<_, Error>(Watched::Died(status));
+                match successor.get_ref().check()? {
+                    Successor::Failed(status) => return Ok::<_, Error>(Watched::Died(status)),
+                    // Handed over or stopped on purpose: nothing to watch.
+                    Successor::Exited => return future::pending().await,
+                    Successor::Running => {}
                 }
                 successor.readable().await.map_err(Error::Watch)?;
             }

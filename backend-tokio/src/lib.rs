@@ -6,6 +6,9 @@
 //! [`tokio::signal`]. The application writes a few lines: get listeners by
 //! name, report ready, serve until stopped, drain.
 //!
+//! With the `axum` feature, [`axum`](mod@crate::axum) serves an axum app on
+//! baton's listeners: `axum::serve(baton.axum_listener(listener), app)`.
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use baton_tokio::{Baton, Config, Signal};
@@ -55,6 +58,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "axum")]
+pub mod axum;
 mod listener;
 
 use std::io;
@@ -68,7 +73,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 pub use baton_core::{
     Config, Connection, ConnectionState, DrainReport, Error, ExitStatus, ListenAddr, Origin,
-    StopReason, StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
+    StopReason, StopSignal, StopToken, Successor, Tracker, UpgradeError, Upgraded,
 };
 pub use listener::{Listener, Stream};
 
@@ -217,8 +222,11 @@ impl Baton {
         let mut child_signals = signal(SignalKind::child()).map_err(Error::Watch)?;
         let died = async {
             loop {
-                if let Some(status) = successor.exited()? {
-                    return Ok::<_, Error>(status);
+                match successor.check()? {
+                    Successor::Failed(status) => return Ok::<_, Error>(status),
+                    // Handed over or stopped on purpose: nothing to watch.
+                    Successor::Exited => return std::future::pending().await,
+                    Successor::Running => {}
                 }
                 child_signals.recv().await;
             }

@@ -31,10 +31,29 @@ impl SuccessorWatch {
         self.pid
     }
 
-    /// Its exit status if it has exited (and reap it), without waiting.
-    pub fn exited(&self) -> Result<Option<ExitStatus>, Error> {
-        sys::try_reap(self.pid).map_err(Error::Watch)
+    /// What has become of the successor, without waiting (an ended one is
+    /// reaped here). Call it when the watch fd is readable.
+    pub fn check(&self) -> Result<Successor, Error> {
+        Ok(match sys::try_reap(self.pid).map_err(Error::Watch)? {
+            None => Successor::Running,
+            // Exit status 0 is deliberate: it handed over to its own
+            // successor, or was stopped. Serving again would leave this
+            // process serving beside the newest generation.
+            Some(ExitStatus::Exited(0)) => Successor::Exited,
+            Some(status) => Successor::Failed(status),
+        })
     }
+}
+
+/// What [`SuccessorWatch::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Successor {
+    /// Still running: keep watching.
+    Running,
+    /// Exited with status 0 on purpose: stop watching, do not resume.
+    Exited,
+    /// Killed or failed: this generation must serve again ([`Generation::resume`]).
+    Failed(ExitStatus),
 }
 
 impl AsFd for SuccessorWatch {

@@ -61,7 +61,13 @@ pub fn peer_is_trusted(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<bool>
     let uid = sys::peer_uid(fd)?;
     Ok(uid == 0 || uid == sys::effective_uid())
 }
-pub use generation::{current_program, Config, Generation, SuccessorWatch};
+
+/// The user id of the peer of the Unix socket `fd` (`SO_PEERCRED`), to say
+/// whom a control socket refused.
+pub fn peer_uid(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
+    sys::peer_uid(fd)
+}
+pub use generation::{current_program, Config, Generation, Successor, SuccessorWatch};
 pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
 pub use stop::{StopReason, StopSignal, StopToken};
 pub use sys::ExitStatus;

@@ -36,6 +36,13 @@ pub struct Options {
     /// that runtime (tokio to smol and back) without losing a request.
     #[arg(long, value_name = "PATH")]
     pub backend_file: Option<PathBuf>,
+    /// The binary an upgrade starts. Default: the path this process was
+    /// started from (made absolute at start-up, symlinks not resolved), so a
+    /// binary replaced by rename or a switched `current -> releases/vN`
+    /// symlink is what the next generation runs. A missing or
+    /// non-executable file fails the upgrade before anything is started.
+    #[arg(long, value_name = "PATH")]
+    pub next_binary: Option<PathBuf>,
     /// How long a new generation has to report ready before the upgrade fails.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub upgrade_timeout: Duration,
@@ -62,6 +69,43 @@ pub struct Options {
     /// How long writing a response may take (a client that never reads).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub write_timeout: Duration,
+    /// Keep a PID file here naming the process that serves: written by each
+    /// generation once ready, removed at a graceful stop.
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// Listen for control commands (upgrade, status) on this Unix socket,
+    /// mode 0600, handed to each next generation. See `baton-demo upgrade`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// A command for a running server instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+}
+
+/// Commands for a running server, through its `--control` socket.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Subcommand {
+    /// Upgrade the server and wait for the outcome: prints the new pid,
+    /// generation and time to ready and exits 0, or prints why it failed
+    /// (the old process serves on) and exits 1.
+    Upgrade {
+        /// The server's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// How long to wait for the outcome.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Print the server's pid, generation, backend, uptime, connections and
+    /// last upgrade.
+    Status {
+        /// The server's --control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// How long to wait for the answer.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 impl Options {

@@ -9,6 +9,8 @@
 pub mod backend;
 pub mod bench;
 pub mod cli;
+pub mod control;
+pub mod control_client;
 pub mod events;
 pub mod http;
 pub mod load;

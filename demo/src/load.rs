@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -27,8 +29,11 @@ const MAX_RESPONSE_BODY: usize = 16 * 1024 * 1024;
 /// What load to generate, against which address.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    /// Server address; must be loopback.
+    /// Server address; must be loopback. Ignored when `unix` is set.
     pub addr: SocketAddr,
+    /// Connect to this Unix stream socket instead of `addr` (default: none,
+    /// TCP). See [`LoadConfig::unix`].
+    pub unix: Option<PathBuf>,
     /// Threads each keeping one persistent connection.
     pub keep_alive_connections: usize,
     /// Threads each doing connect / one request with `Connection: close` / close, in a loop.
@@ -48,12 +53,22 @@ impl LoadConfig {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
+            unix: None,
             keep_alive_connections: 4,
             per_request_connections: 0,
             path: "/".to_owned(),
             request_timeout: Duration::from_secs(5),
             max_duration: Duration::from_secs(120),
             max_requests: 10_000_000,
+        }
+    }
+
+    /// The same defaults, against the Unix stream socket at `path` (a
+    /// server started with `--listen unix:PATH`).
+    pub fn unix(path: impl Into<PathBuf>) -> Self {
+        Self {
+            unix: Some(path.into()),
+            ..Self::new(SocketAddr::from(([127, 0, 0, 1], 0)))
         }
     }
 }
@@ -112,7 +127,7 @@ impl Load {
     /// Start the threads. Refuses a non-loopback address (or a path that would not
     /// fit in a request line) with `io::ErrorKind::InvalidInput`.
     pub fn start(config: LoadConfig) -> io::Result<Load> {
-        if !config.addr.ip().is_loopback() {
+        if config.unix.is_none() && !config.addr.ip().is_loopback() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("load client only targets loopback, not {}", config.addr),
@@ -404,7 +419,10 @@ impl Worker {
     ) -> Result<Answer, Failure> {
         let conn = match conn {
             Some(conn) => conn,
-            None => conn.insert(Conn::connect(self.config.addr, deadline)?),
+            None => conn.insert(match &self.config.unix {
+                Some(path) => Conn::connect_unix(path, deadline)?,
+                None => Conn::connect(self.config.addr, deadline)?,
+            }),
         };
         conn.write(request, deadline)?;
         let response = conn.read_response(deadline)?;
@@ -452,8 +470,45 @@ fn remaining(deadline: Instant) -> Result<Duration, Failure> {
 /// A client connection plus bytes read past the last response.
 #[derive(Debug)]
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
+}
+
+/// A TCP or Unix stream.
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(timeout),
+            Stream::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(timeout),
+            Stream::Unix(s) => s.set_write_timeout(timeout),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.write_all(buf),
+            Stream::Unix(s) => s.write_all(buf),
+        }
+    }
 }
 
 /// A response as read from the wire.
@@ -479,7 +534,25 @@ impl Conn {
             TcpStream::connect_timeout(&addr, remaining(deadline)?).map_err(|e| Failure::io(&e))?;
         stream.set_nodelay(true).map_err(|e| Failure::io(&e))?;
         Ok(Conn {
-            stream,
+            stream: Stream::Tcp(stream),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Connect to a Unix stream socket. A missing socket file counts as
+    /// refused: nobody listens there. (A Unix connect waits only while the
+    /// server's backlog is full; the deadline bounds everything after it.)
+    fn connect_unix(path: &std::path::Path, deadline: Instant) -> Result<Conn, Failure> {
+        remaining(deadline)?;
+        let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Failure::new(
+                FailureKind::Refused,
+                format!("{}: no such socket: {e}", path.display()),
+            ),
+            _ => Failure::io(&e),
+        })?;
+        Ok(Conn {
+            stream: Stream::Unix(stream),
             buf: Vec::new(),
         })
     }

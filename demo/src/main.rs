@@ -6,8 +6,18 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    use baton_demo::cli::Subcommand;
     let options = baton_demo::cli::Options::parse();
-    match baton_demo::run(&options) {
+    let result = match &options.command {
+        None => baton_demo::run(&options),
+        Some(Subcommand::Upgrade { control, timeout }) => {
+            baton_demo::control_client::upgrade(control, *timeout)
+        }
+        Some(Subcommand::Status { control, timeout }) => {
+            baton_demo::control_client::status(control, *timeout)
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(baton_demo::Failed) => ExitCode::FAILURE,
     }

@@ -7,6 +7,8 @@
 //! - Out of fds, accepting backs off instead of retrying at once: the same
 //!   2 s cost almost no CPU, and once fds are free again it serves new
 //!   connections.
+//! - A new generation that dies while the old one drains makes the old one
+//!   serve again (its successor watch, a pidfd in the mio loop).
 //! - tokio → mio → tokio (and through smol when compiled in), switched with
 //!   `--backend-file`, under keep-alive and connection-per-request load:
 //!   no request fails, and each generation serves with the runtime named.
@@ -18,9 +20,13 @@
 mod common;
 
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::Command;
 
-use common::{get, Conn, Server, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT};
+use common::{
+    deploy_bytes, deploy_copy, get, Conn, Server, TempDir, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT,
+};
+use nix::sys::signal::Signal;
 
 /// CPU ticks (`utime + stime`, in `CLK_TCK` units, 100 a second here) a
 /// process may use while it should be idle for 2 s: a spinning loop uses
@@ -129,6 +135,39 @@ fn accept_backs_off_when_out_of_fds() {
         Ok(reply) => server.fail(format_args!("GET /health after the flood: {reply:?}")),
         Err(e) => server.fail(format_args!("GET /health after the flood: {e}")),
     }
+}
+
+#[test]
+fn the_old_generation_serves_again_when_the_new_one_dies_while_it_drains() {
+    let dir = TempDir::new("mio-resume");
+    let binary = dir.path().join("baton-demo");
+    deploy_copy(Path::new(BINARY), &binary);
+    let mut server = Server::start_binary(&binary, "mio", &[]);
+    let old = server.pid();
+    // The next "generation" reports ready, then dies at once.
+    deploy_bytes(
+        &binary,
+        b"#!/bin/sh\neval \"printf 1 >&$BATON_READY_FD\"\nexit 3\n",
+    );
+    server.signal(old, Signal::SIGHUP);
+    server.wait_for_pid(old, "upgrade done: ", LINE_TIMEOUT);
+    let line = server.wait_for_pid(old, "resumed: new generation ", LINE_TIMEOUT);
+    server.check(
+        line.message().contains("(exit status 3)"),
+        format_args!("expected the successor's exit status: {}", line.text),
+    );
+    match get(server.addr(), "/") {
+        Ok(reply) if reply.pid == Some(old) && reply.generation == Some(0) => {}
+        Ok(reply) => server.fail(format_args!("expected pid {old} to answer: {reply:?}")),
+        Err(e) => server.fail(format_args!("GET / after the resume: {e}")),
+    }
+    server.signal(old, Signal::SIGTERM);
+    server.wait_exit_line(old, LINE_TIMEOUT);
+    let exit = server.wait_exit(old, LINE_TIMEOUT);
+    server.check(
+        exit.status.is_some_and(|s| s.success()),
+        format_args!("pid {old} ended with {:?}", exit.status),
+    );
 }
 
 #[cfg(feature = "tokio")]

@@ -35,7 +35,10 @@ const STEPS_PER_TURN: u32 = 64;
 pub fn run(options: &Options) -> Result<(), Failed> {
     let mut poll =
         Poll::new().map_err(|e| events::fatal(format_args!("cannot create the mio poll: {e}")))?;
-    let config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    let mut config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    if let Some(path) = &options.next_binary {
+        config = config.program(path);
+    }
     let mut baton = Baton::new(config, poll.registry(), Token(0)).map_err(events::fatal)?;
     let events = Events::new(baton.generation(), BACKEND);
     events.install_as_logger();
@@ -131,9 +134,18 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                         "draining {} connections",
                         baton.tracker().open()
                     ));
-                    baton.drain(options.drain_timeout);
+                    // After an upgrade, serve again if the new generation dies
+                    // while this one drains.
+                    let watch = options.successor_watch;
+                    if let Err(e) = baton.drain_watching(options.drain_timeout, watch) {
+                        events.emit(format_args!("warning: {e}; draining without watching"));
+                        baton.drain(options.drain_timeout);
+                    }
                     server.stop();
                 }
+                Event::Resumed { successor, status } => events.emit(format_args!(
+                    "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
+                )),
                 Event::ForceClose => server.close_all(),
                 Event::Drained(report) => {
                     events.emit(format_args!("drained: {report}"));

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_smol::{
-    Baton, Config, ConnectionState, DrainOutcome, Listener, Signal, Signals, Stream, UpgradeError,
+    Baton, Config, ConnectionState, DrainOutcome, ListenAddr, Listener, Signal, Signals, Stream,
+    UpgradeError,
 };
+use smol::channel::{self, Receiver, Sender};
 use smol::future;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
-use smol::{Executor, Task, Timer};
+use smol::{Async, Executor, Task, Timer};
 
 use crate::cli::Options;
+use crate::control::{self, Memory, Parsed};
 use crate::events::{self, Events};
 use crate::http::{self, Action, RequestReader, ServerInfo};
 use crate::Failed;
@@ -71,11 +74,22 @@ fn join(workers: Vec<std::thread::JoinHandle<Result<(), smol::channel::RecvError
 /// What woke the signal loop.
 enum Event {
     Signal(Option<Signal>),
+    Request(Reply),
     Stopped,
 }
 
+/// Where the outcome of an upgrade goes: the control connection that asked
+/// for it, if any (a channel of capacity 1).
+type Reply = Sender<String>;
+
 async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(), Failed> {
-    let config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    let mut config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    if let Some(path) = &options.next_binary {
+        config = config.program(path);
+    }
+    if let Some(path) = &options.pid_file {
+        config = config.pid_file(path);
+    }
     let baton = Baton::from_env(config).map_err(events::fatal)?;
     let events = Events::new(baton.generation(), BACKEND);
     events.install_as_logger();
@@ -105,11 +119,37 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
         events.emit(format_args!("listening on {local} ({name}, {origin})"));
         listeners.push(listener);
     }
+    let mut control_listener = match &options.control {
+        Some(path) => {
+            let (listener, origin) = baton
+                .listen_with_origin(control::LISTENER_NAME, &ListenAddr::Unix(path.clone()))
+                .map_err(|e| fail(e.to_string()))?;
+            let origin = match origin {
+                baton_smol::Origin::Inherited => "inherited",
+                baton_smol::Origin::Bound => {
+                    control::restrict(path).map_err(|e| fail(e.to_string()))?;
+                    "bound"
+                }
+            };
+            events.emit(format_args!(
+                "listening on unix:{} ({}, {origin})",
+                path.display(),
+                control::LISTENER_NAME
+            ));
+            Some(listener)
+        }
+        None => None,
+    };
+    let memory = Arc::new(Memory::new(baton.generation(), BACKEND));
     let mut signals = baton
         .signals()
         .map_err(|e| fail(format!("cannot handle signals: {e}")))?;
-    if let Err(e) = baton.ready() {
-        events.emit(format_args!("warning: {e}; serving anyway"));
+    match baton.ready() {
+        Ok(()) => {}
+        // Another live process owns the PID file: refuse to start, and tell
+        // the previous generation why (its upgrade fails, it serves on).
+        Err(e @ baton_smol::Error::PidFile(_)) => return Err(fail(e.to_string())),
+        Err(e) => events.emit(format_args!("warning: {e}; serving anyway")),
     }
     events.emit("serving");
 
@@ -129,8 +169,28 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
                 ))
             })
             .collect();
-        handle_signals(&baton, &mut signals, &events, executor).await;
-        for task in accept_loops {
+        // Control connections ask the signal loop for upgrades on this
+        // channel, one per round of serving.
+        let (upgrades, requests) = channel::bounded(16);
+        let control_loop = control_listener.take().map(|listener| {
+            executor.spawn(control_loop(
+                listener,
+                baton.clone(),
+                memory.clone(),
+                upgrades,
+                options.clone(),
+                events.clone(),
+                executor.clone(),
+            ))
+        });
+        handle_signals(&baton, &mut signals, &requests, &memory, &events, executor).await;
+        // Requests that came in too late get their answer now; later ones
+        // cannot be sent.
+        requests.close();
+        while let Ok(reply) = requests.try_recv() {
+            let _ = reply.try_send(control::outcome_line(Err("the server is stopping")));
+        }
+        for task in accept_loops.into_iter().chain(control_loop) {
             task.await;
         }
         events.emit(format_args!(
@@ -156,6 +216,12 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
                         Err(e) => events.emit(format_args!("error: {e}")),
                     }
                 }
+                if options.control.is_some() {
+                    match baton.reopen(control::LISTENER_NAME) {
+                        Ok(listener) => control_listener = Some(listener),
+                        Err(e) => events.emit(format_args!("error: {e}")),
+                    }
+                }
             }
             Err(e) => {
                 events.emit(format_args!("warning: {e}; draining without watching"));
@@ -169,12 +235,14 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
     Ok(())
 }
 
-/// Act on signals until this generation stops: SIGHUP upgrades (one at a
-/// time), SIGTERM/SIGINT stop. Returns once stopped and any upgrade has
-/// logged its outcome.
+/// Act on signals and control requests until this generation stops: SIGHUP
+/// or a control `upgrade` upgrades (one at a time), SIGTERM/SIGINT stop.
+/// Returns once stopped and any upgrade has logged its outcome.
 async fn handle_signals(
     baton: &Baton,
     signals: &mut Signals,
+    requests: &Receiver<Reply>,
+    memory: &Arc<Memory>,
     events: &Events,
     executor: &Arc<Executor<'static>>,
 ) {
@@ -182,47 +250,32 @@ async fn handle_signals(
     let mut upgrade: Option<Task<()>> = None;
     loop {
         let signal = async { Event::Signal(signals.recv().await) };
+        let request = async {
+            match requests.recv().await {
+                Ok(reply) => Event::Request(reply),
+                Err(_) => future::pending().await,
+            }
+        };
         let stopped = async {
             stop.stopped().await;
             Event::Stopped
         };
-        match future::or(signal, stopped).await {
-            Event::Signal(Some(Signal::Upgrade)) => match baton.start_upgrade() {
-                Ok(pending) => {
-                    events.emit(format_args!(
-                        "upgrade started: new process {}",
-                        pending.pid()
-                    ));
-                    let events = events.clone();
-                    let task = executor.spawn(async move {
-                        match pending.ready().await {
-                            Ok(done) => events.emit(format_args!(
-                                "upgrade done: pid {} generation {} ready after {} ms",
-                                done.pid,
-                                done.generation,
-                                done.time_to_ready.as_millis()
-                            )),
-                            Err(UpgradeError::Stopping) => {
-                                events.emit("upgrade abandoned: the server is stopping")
-                            }
-                            Err(e) => {
-                                events.emit(format_args!("upgrade failed: {e}; still serving"))
-                            }
-                        }
-                    });
-                    // A smol task is cancelled when dropped: let an earlier
-                    // one finish logging its outcome.
-                    if let Some(earlier) = upgrade.replace(task) {
-                        earlier.detach();
-                    }
-                }
-                Err(e) => events.emit(format_args!("upgrade failed: {e}; still serving")),
-            },
+        let reply = match future::or(signal, future::or(request, stopped)).await {
+            Event::Signal(Some(Signal::Upgrade)) => None,
+            Event::Request(reply) => Some(reply),
             Event::Signal(Some(Signal::Stop)) => {
                 events.emit("stopping: signal received");
                 baton.stop();
+                continue;
             }
             Event::Signal(None) | Event::Stopped => break,
+        };
+        if let Some(task) = begin_upgrade(baton, memory, events, reply, executor) {
+            // A smol task is cancelled when dropped: let an earlier one
+            // finish logging its outcome.
+            if let Some(earlier) = upgrade.replace(task) {
+                earlier.detach();
+            }
         }
     }
     // Let the upgrade task log its outcome before the drain lines; after a
@@ -230,6 +283,194 @@ async fn handle_signals(
     if let Some(task) = upgrade {
         task.await;
     }
+}
+
+/// Start an upgrade, and a task that logs its outcome, remembers it and
+/// sends it to `reply`. `None` if it could not start (logged and answered).
+fn begin_upgrade(
+    baton: &Baton,
+    memory: &Arc<Memory>,
+    events: &Events,
+    reply: Option<Reply>,
+    executor: &Arc<Executor<'static>>,
+) -> Option<Task<()>> {
+    let answer = |line: String| {
+        if let Some(reply) = reply {
+            let _ = reply.try_send(line);
+        }
+    };
+    let pending = match baton.start_upgrade() {
+        Ok(pending) => pending,
+        Err(e) => {
+            events.emit(format_args!("upgrade failed: {e}; still serving"));
+            let line = control::outcome_line(Err(&e.to_string()));
+            if !matches!(
+                e,
+                UpgradeError::AlreadyRunning { .. } | UpgradeError::Stopping
+            ) {
+                memory.record(&line);
+            }
+            answer(line);
+            return None;
+        }
+    };
+    events.emit(format_args!(
+        "upgrade started: new process {}",
+        pending.pid()
+    ));
+    let (memory, events) = (memory.clone(), events.clone());
+    Some(executor.spawn(async move {
+        let line = match pending.ready().await {
+            Ok(done) => {
+                events.emit(format_args!(
+                    "upgrade done: pid {} generation {} ready after {} ms",
+                    done.pid,
+                    done.generation,
+                    done.time_to_ready.as_millis()
+                ));
+                control::outcome_line(Ok(control::Upgraded {
+                    pid: done.pid,
+                    generation: done.generation,
+                    ready_ms: done.time_to_ready.as_millis(),
+                }))
+            }
+            Err(e) => {
+                if matches!(e, UpgradeError::Stopping) {
+                    events.emit("upgrade abandoned: the server is stopping");
+                } else {
+                    events.emit(format_args!("upgrade failed: {e}; still serving"));
+                }
+                control::outcome_line(Err(&e.to_string()))
+            }
+        };
+        memory.record(&line);
+        answer(line);
+    }))
+}
+
+/// Accept control connections until stopped. Each is tracked like an HTTP
+/// connection, so a drain waits until its answer is written.
+async fn control_loop(
+    listener: Listener,
+    baton: Baton,
+    memory: Arc<Memory>,
+    upgrades: Sender<Reply>,
+    options: Options,
+    events: Events,
+    executor: Arc<Executor<'static>>,
+) {
+    let stop = baton.stop_token();
+    let tracker = baton.tracker();
+    loop {
+        // `or` prefers its first future: a stop wins over a ready connection.
+        let stopped = async {
+            stop.stopped().await;
+            None
+        };
+        let accepted = async { Some(listener.accept().await) };
+        let Some(accepted) = future::or(stopped, accepted).await else {
+            break;
+        };
+        match accepted {
+            Ok(Stream::Unix(stream)) => {
+                let conn = tracker.track();
+                executor
+                    .spawn(serve_control(
+                        stream,
+                        conn,
+                        memory.clone(),
+                        upgrades.clone(),
+                        options.write_timeout,
+                        events.clone(),
+                    ))
+                    .detach();
+            }
+            Ok(Stream::Tcp(_)) => {}
+            Err(e) if is_resource_exhaustion(&e) => {
+                events.emit(format_args!("warning: control accept: {e}; backing off"));
+                let stopped = async {
+                    stop.stopped().await;
+                    true
+                };
+                let backed_off = async {
+                    Timer::after(Duration::from_millis(100)).await;
+                    false
+                };
+                if future::or(stopped, backed_off).await {
+                    break;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// One control connection: check the peer, read one command, answer, close.
+async fn serve_control(
+    mut stream: Async<std::os::unix::net::UnixStream>,
+    mut conn: baton_smol::Connection,
+    memory: Arc<Memory>,
+    upgrades: Sender<Reply>,
+    write_timeout: Duration,
+    events: Events,
+) {
+    use std::os::fd::AsFd;
+    conn.set_busy();
+    let tracker = conn.tracker().clone();
+    let answer = match control::check_peer(stream.get_ref().as_fd()) {
+        Err(refusal) => {
+            events.emit(&refusal.log);
+            refusal.answer
+        }
+        Ok(()) => {
+            let read = timeout(control::COMMAND_TIMEOUT, async {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; control::MAX_COMMAND];
+                loop {
+                    match control::parse(&buf) {
+                        Parsed::Incomplete => {}
+                        parsed => return Some(parsed),
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return None,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            match read {
+                None => control::timed_out(),
+                Some(None) | Some(Some(Parsed::Incomplete)) => return,
+                Some(Some(Parsed::Invalid(answer))) => answer,
+                Some(Some(Parsed::Command(control::Command::Status))) => {
+                    memory.status(tracker.open(), tracker.busy()).answer()
+                }
+                Some(Some(Parsed::Command(control::Command::Upgrade))) => {
+                    let (reply, outcome) = channel::bounded(1);
+                    let stopping = || control::outcome_line(Err("the server is stopping"));
+                    let line = if upgrades.send(reply).await.is_err() {
+                        stopping()
+                    } else {
+                        let outcome = async { Some(outcome.recv().await) };
+                        let forced = async {
+                            tracker.forced().await;
+                            None
+                        };
+                        match future::or(outcome, forced).await {
+                            Some(line) => line.unwrap_or_else(|_| stopping()),
+                            None => return,
+                        }
+                    };
+                    format!("{line}\n")
+                }
+            }
+        }
+    };
+    let _ = timeout(write_timeout, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.get_ref().shutdown(std::net::Shutdown::Write)
+    })
+    .await;
 }
 
 /// Accept until stopped, then drop the listener: this process stops taking

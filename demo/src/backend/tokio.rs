@@ -4,12 +4,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_tokio::{
-    Baton, Config, ConnectionState, DrainOutcome, Listener, Signal, Signals, Stream, UpgradeError,
+    Baton, Config, ConnectionState, DrainOutcome, ListenAddr, Listener, Signal, Signals, Stream,
+    UpgradeError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::cli::Options;
+use crate::control::{self, Memory, Parsed};
 use crate::events::{self, Events};
 use crate::http::{self, Action, RequestReader, ServerInfo};
 use crate::Failed;
@@ -26,7 +29,13 @@ pub fn run(options: &Options) -> Result<(), Failed> {
 }
 
 async fn serve(options: &Options) -> Result<(), Failed> {
-    let config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    let mut config = Config::default().upgrade_timeout(options.upgrade_timeout);
+    if let Some(path) = &options.next_binary {
+        config = config.program(path);
+    }
+    if let Some(path) = &options.pid_file {
+        config = config.pid_file(path);
+    }
     let baton = Baton::from_env(config).map_err(events::fatal)?;
     let events = Events::new(baton.generation(), BACKEND);
     events.install_as_logger();
@@ -56,11 +65,37 @@ async fn serve(options: &Options) -> Result<(), Failed> {
         events.emit(format_args!("listening on {local} ({name}, {origin})"));
         listeners.push(listener);
     }
+    let mut control_listener = match &options.control {
+        Some(path) => {
+            let (listener, origin) = baton
+                .listen_with_origin(control::LISTENER_NAME, &ListenAddr::Unix(path.clone()))
+                .map_err(|e| fail(e.to_string()))?;
+            let origin = match origin {
+                baton_tokio::Origin::Inherited => "inherited",
+                baton_tokio::Origin::Bound => {
+                    control::restrict(path).map_err(|e| fail(e.to_string()))?;
+                    "bound"
+                }
+            };
+            events.emit(format_args!(
+                "listening on unix:{} ({}, {origin})",
+                path.display(),
+                control::LISTENER_NAME
+            ));
+            Some(listener)
+        }
+        None => None,
+    };
+    let memory = Arc::new(Memory::new(baton.generation(), BACKEND));
     let mut signals = baton
         .signals()
         .map_err(|e| fail(format!("cannot handle signals: {e}")))?;
-    if let Err(e) = baton.ready() {
-        events.emit(format_args!("warning: {e}; serving anyway"));
+    match baton.ready() {
+        Ok(()) => {}
+        // Another live process owns the PID file: refuse to start, and tell
+        // the previous generation why (its upgrade fails, it serves on).
+        Err(e @ baton_tokio::Error::PidFile(_)) => return Err(fail(e.to_string())),
+        Err(e) => events.emit(format_args!("warning: {e}; serving anyway")),
     }
     events.emit("serving");
 
@@ -79,8 +114,27 @@ async fn serve(options: &Options) -> Result<(), Failed> {
                 ))
             })
             .collect();
-        handle_signals(&baton, &mut signals, &events).await;
-        for task in accept_loops {
+        // Control connections ask the signal loop for upgrades on this
+        // channel, one per round of serving.
+        let (upgrades, mut requests) = mpsc::channel(16);
+        let control_loop = control_listener.take().map(|listener| {
+            tokio::spawn(control_loop(
+                listener,
+                baton.clone(),
+                memory.clone(),
+                upgrades,
+                options.clone(),
+                events.clone(),
+            ))
+        });
+        handle_signals(&baton, &mut signals, &mut requests, &memory, &events).await;
+        // Requests that came in too late get their answer now; later ones
+        // cannot be sent.
+        requests.close();
+        while let Some(reply) = requests.recv().await {
+            let _ = reply.send(control::outcome_line(Err("the server is stopping")));
+        }
+        for task in accept_loops.into_iter().chain(control_loop) {
             let _ = task.await;
         }
         events.emit(format_args!(
@@ -106,6 +160,12 @@ async fn serve(options: &Options) -> Result<(), Failed> {
                         Err(e) => events.emit(format_args!("error: {e}")),
                     }
                 }
+                if options.control.is_some() {
+                    match baton.reopen(control::LISTENER_NAME) {
+                        Ok(listener) => control_listener = Some(listener),
+                        Err(e) => events.emit(format_args!("error: {e}")),
+                    }
+                }
             }
             Err(e) => {
                 events.emit(format_args!("warning: {e}; draining without watching"));
@@ -119,41 +179,38 @@ async fn serve(options: &Options) -> Result<(), Failed> {
     Ok(())
 }
 
-/// Act on signals until this generation stops: SIGHUP upgrades (one at a
-/// time), SIGTERM/SIGINT stop. Returns once stopped and any upgrade has
-/// logged its outcome.
-async fn handle_signals(baton: &Baton, signals: &mut Signals, events: &Events) {
+/// Where the outcome of an upgrade goes: the control connection that asked
+/// for it, if any.
+type Reply = oneshot::Sender<String>;
+
+/// Act on signals and control requests until this generation stops: SIGHUP
+/// or a control `upgrade` upgrades (one at a time), SIGTERM/SIGINT stop.
+/// Returns once stopped and any upgrade has logged its outcome.
+async fn handle_signals(
+    baton: &Baton,
+    signals: &mut Signals,
+    requests: &mut mpsc::Receiver<Reply>,
+    memory: &Arc<Memory>,
+    events: &Events,
+) {
     let stop = baton.stop_token();
     let mut upgrade: Option<JoinHandle<()>> = None;
     loop {
-        tokio::select! {
+        let reply = tokio::select! {
             signal = signals.recv() => match signal {
-                Some(Signal::Upgrade) => match baton.start_upgrade() {
-                    Ok(pending) => {
-                        events.emit(format_args!("upgrade started: new process {}", pending.pid()));
-                        let events = events.clone();
-                        upgrade = Some(tokio::spawn(async move {
-                            match pending.ready().await {
-                                Ok(done) => events.emit(format_args!(
-                                    "upgrade done: pid {} generation {} ready after {} ms",
-                                    done.pid, done.generation, done.time_to_ready.as_millis()
-                                )),
-                                Err(UpgradeError::Stopping) => {
-                                    events.emit("upgrade abandoned: the server is stopping")
-                                }
-                                Err(e) => events.emit(format_args!("upgrade failed: {e}; still serving")),
-                            }
-                        }));
-                    }
-                    Err(e) => events.emit(format_args!("upgrade failed: {e}; still serving")),
-                },
+                Some(Signal::Upgrade) => None,
                 Some(Signal::Stop) => {
                     events.emit("stopping: signal received");
                     baton.stop();
+                    continue;
                 }
                 None => break,
             },
+            Some(reply) = requests.recv() => Some(reply),
             _ = stop.stopped() => break,
+        };
+        if let Some(task) = begin_upgrade(baton, memory, events, reply) {
+            upgrade = Some(task);
         }
     }
     // Let the upgrade task log its outcome before the drain lines; after a
@@ -161,6 +218,175 @@ async fn handle_signals(baton: &Baton, signals: &mut Signals, events: &Events) {
     if let Some(task) = upgrade {
         let _ = task.await;
     }
+}
+
+/// Start an upgrade, and a task that logs its outcome, remembers it and
+/// sends it to `reply`. `None` if it could not start (logged and answered).
+fn begin_upgrade(
+    baton: &Baton,
+    memory: &Arc<Memory>,
+    events: &Events,
+    reply: Option<Reply>,
+) -> Option<JoinHandle<()>> {
+    let answer = |line: String| {
+        if let Some(reply) = reply {
+            let _ = reply.send(line);
+        }
+    };
+    let pending = match baton.start_upgrade() {
+        Ok(pending) => pending,
+        Err(e) => {
+            events.emit(format_args!("upgrade failed: {e}; still serving"));
+            let line = control::outcome_line(Err(&e.to_string()));
+            if !matches!(
+                e,
+                UpgradeError::AlreadyRunning { .. } | UpgradeError::Stopping
+            ) {
+                memory.record(&line);
+            }
+            answer(line);
+            return None;
+        }
+    };
+    events.emit(format_args!(
+        "upgrade started: new process {}",
+        pending.pid()
+    ));
+    let (memory, events) = (memory.clone(), events.clone());
+    Some(tokio::spawn(async move {
+        let line = match pending.ready().await {
+            Ok(done) => {
+                events.emit(format_args!(
+                    "upgrade done: pid {} generation {} ready after {} ms",
+                    done.pid,
+                    done.generation,
+                    done.time_to_ready.as_millis()
+                ));
+                control::outcome_line(Ok(control::Upgraded {
+                    pid: done.pid,
+                    generation: done.generation,
+                    ready_ms: done.time_to_ready.as_millis(),
+                }))
+            }
+            Err(e) => {
+                if matches!(e, UpgradeError::Stopping) {
+                    events.emit("upgrade abandoned: the server is stopping");
+                } else {
+                    events.emit(format_args!("upgrade failed: {e}; still serving"));
+                }
+                control::outcome_line(Err(&e.to_string()))
+            }
+        };
+        memory.record(&line);
+        answer(line);
+    }))
+}
+
+/// Accept control connections until stopped. Each is tracked like an HTTP
+/// connection, so a drain waits until its answer is written.
+async fn control_loop(
+    listener: Listener,
+    baton: Baton,
+    memory: Arc<Memory>,
+    upgrades: mpsc::Sender<Reply>,
+    options: Options,
+    events: Events,
+) {
+    let stop = baton.stop_token();
+    let tracker = baton.tracker();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.stopped() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(Stream::Unix(stream)) => {
+                let conn = tracker.track();
+                tokio::spawn(serve_control(
+                    stream,
+                    conn,
+                    memory.clone(),
+                    upgrades.clone(),
+                    options.write_timeout,
+                    events.clone(),
+                ));
+            }
+            Ok(Stream::Tcp(_)) => {}
+            Err(e) if is_resource_exhaustion(&e) => {
+                events.emit(format_args!("warning: control accept: {e}; backing off"));
+                tokio::select! {
+                    _ = stop.stopped() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// One control connection: check the peer, read one command, answer, close.
+async fn serve_control(
+    mut stream: tokio::net::UnixStream,
+    mut conn: baton_tokio::Connection,
+    memory: Arc<Memory>,
+    upgrades: mpsc::Sender<Reply>,
+    write_timeout: Duration,
+    events: Events,
+) {
+    use std::os::fd::AsFd;
+    conn.set_busy();
+    let tracker = conn.tracker().clone();
+    let answer = match control::check_peer(stream.as_fd()) {
+        Err(refusal) => {
+            events.emit(&refusal.log);
+            refusal.answer
+        }
+        Ok(()) => {
+            let read = tokio::time::timeout(control::COMMAND_TIMEOUT, async {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; control::MAX_COMMAND];
+                loop {
+                    match control::parse(&buf) {
+                        Parsed::Incomplete => {}
+                        parsed => return Some(parsed),
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return None,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            match read {
+                Err(_elapsed) => control::timed_out(),
+                Ok(None) => return,
+                Ok(Some(Parsed::Invalid(answer))) => answer,
+                Ok(Some(Parsed::Incomplete)) => return,
+                Ok(Some(Parsed::Command(control::Command::Status))) => {
+                    memory.status(tracker.open(), tracker.busy()).answer()
+                }
+                Ok(Some(Parsed::Command(control::Command::Upgrade))) => {
+                    let (reply, outcome) = oneshot::channel();
+                    let stopping = || control::outcome_line(Err("the server is stopping"));
+                    let line = if upgrades.send(reply).await.is_err() {
+                        stopping()
+                    } else {
+                        tokio::select! {
+                            line = outcome => line.unwrap_or_else(|_| stopping()),
+                            _ = tracker.forced() => return,
+                        }
+                    };
+                    format!("{line}\n")
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(write_timeout, async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Accept until stopped, then drop the listener: this process stops taking

@@ -340,6 +340,14 @@ impl Server {
                         }
                     }
                 }
+            } else if let Some(rest) = message.strip_prefix("resumed: new generation ") {
+                // The generation that took over died while this one drained:
+                // this one serves again.
+                let successor = rest.split_whitespace().next().and_then(|w| w.parse().ok());
+                if successor == Some(self.pid) {
+                    self.pid = pid;
+                    self.generation = line.parts().map_or(self.generation, |p| p.1);
+                }
             } else if message.starts_with("upgrade failed: ")
                 && !message.contains("already running")
             {

@@ -1,4 +1,4 @@
-// cargo run -p baton-smol --example server -- 127.0.0.1:7000   (then: kill -HUP <pid>; nc 127.0.0.1 7000)
+// cargo run -p baton-smol --example smol_server -- 127.0.0.1:7000   (then: kill -HUP <pid>; nc 127.0.0.1 7000)
 //! A line echo server on smol that upgrades itself on SIGHUP without
 //! refusing a connection, and stops gracefully on SIGTERM or SIGINT.
 //!

@@ -1,4 +1,4 @@
-// cargo run -p baton-mio --example server -- 127.0.0.1:8080   (then: curl 127.0.0.1:8080; kill -HUP <pid>; kill -TERM <pid>)
+// cargo run -p baton-mio --example mio_server -- 127.0.0.1:8080   (then: curl 127.0.0.1:8080; kill -HUP <pid>; kill -TERM <pid>)
 //! A greeting server on a raw mio loop that replaces itself in place.
 //!
 //! Every connection gets one line naming the process and generation that
@@ -69,8 +69,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Event::Shutdown => baton.stop(),
                 Event::Stop { reason } => {
                     log(&format!("stopping ({reason:?}): {} open", conns.len()));
-                    baton.drain(Duration::from_secs(10));
+                    // After an upgrade, serve again if the new generation dies
+                    // within 2 s.
+                    let timeout = Duration::from_secs(10);
+                    if let Err(e) = baton.drain_watching(timeout, Duration::from_secs(2)) {
+                        log(&format!("{e}; draining without watching"));
+                        baton.drain(timeout);
+                    }
                 }
+                Event::Resumed { successor, status } => log(&format!(
+                    "new generation {successor} ended ({status}): serving again"
+                )),
                 Event::ForceClose => conns.clear(),
                 Event::Drained(report) => {
                     log(&format!("drained: {report}"));
