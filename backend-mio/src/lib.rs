@@ -550,16 +550,23 @@ impl Baton {
         // Only instants that change something when they pass, so a passed
         // one cannot turn into a busy loop.
         let deadlines = [
-            self.upgrade.as_ref().map(PendingUpgrade::deadline),
             drain.map(|d| d.give_up.unwrap_or(d.deadline)),
             drain.map(|d| d.not_before),
         ];
-        let paused = self.listeners.iter().filter_map(|slot| slot.paused_until);
+        // These two are cleared by the `process` that sees them passed, so
+        // one that passed since the last `process` means "now", not "never":
+        // filtering it out would block the loop until some other event (a
+        // listener paused by EMFILE stayed paused while clients waited).
+        let cleared_when_passed = self
+            .listeners
+            .iter()
+            .filter_map(|slot| slot.paused_until)
+            .chain(self.upgrade.as_ref().map(PendingUpgrade::deadline));
         let next = deadlines
             .into_iter()
             .flatten()
-            .chain(paused)
             .filter(|&at| at > now)
+            .chain(cleared_when_passed)
             .min()?;
         Some(next.saturating_duration_since(now))
     }

@@ -241,6 +241,18 @@ fn an_accept_error_pauses_the_listener_instead_of_spinning() {
 }
 
 #[test]
+fn a_back_off_that_passed_before_process_still_wakes_the_loop() {
+    let mut lp = Loop::new(Config::default());
+    let (id, _) = lp.listen();
+    // The back-off ends between one `process` and the next `next_timeout`
+    // (the application handled events meanwhile): the loop must not block
+    // "until an event", or the listener stays paused while clients wait.
+    lp.baton.listeners[id.0].paused_until = Some(Instant::now());
+    assert_eq!(lp.baton.next_timeout(), Some(Duration::ZERO));
+    assert!(matches!(lp.next(), Event::Accept { listener } if listener == id));
+}
+
+#[test]
 fn signals_become_events() {
     let mut lp = Loop::new(Config::default());
     lp.baton.handle_signals().unwrap();

@@ -362,14 +362,21 @@ impl PendingUpgrade {
             };
             future::or(report, future::or(stopped, timed_out)).await
         };
-        let upgraded = match outcome {
-            Outcome::Report(result) => result?,
-            // `pending` is dropped on return, which kills and reaps the child.
-            Outcome::Stopped => return Err(UpgradeError::Stopping),
-            Outcome::TimedOut => return Err(pending.time_out()),
+        let result = match outcome {
+            Outcome::Report(result) => result,
+            Outcome::Stopped => {
+                // Dropping `pending` kills and reaps the child.
+                drop(pending);
+                Err(UpgradeError::Stopping)
+            }
+            Outcome::TimedOut => Err(pending.time_out()),
         };
-        generation.upgraded(&upgraded);
-        Ok(upgraded)
+        // Tell systemd either way (`MAINPID=`, or `READY=1` with the reason).
+        match &result {
+            Ok(upgraded) => generation.upgraded(upgraded),
+            Err(e) => generation.upgrade_failed(e),
+        }
+        result
     }
 }
 

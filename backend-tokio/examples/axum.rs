@@ -19,15 +19,18 @@ use std::time::Duration;
 use axum::extract::Path;
 use axum::routing::get;
 use axum::Router;
-use baton_tokio::{Baton, Config, ListenAddr, Signal};
+use baton_tokio::{Baton, Config, ListenAddr, Signal, UpgradeError};
 
 /// The bound on the drain: requests still running then are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One event line on stderr, written with one `write` so that lines of
+/// generations sharing the stderr pipe never interleave.
 macro_rules! log {
-    ($($arg:tt)*) => {
-        eprintln!("[pid {}] {}", std::process::id(), format_args!($($arg)*))
-    };
+    ($($arg:tt)*) => {{
+        let line = format!("[pid {}] {}\n", std::process::id(), format_args!($($arg)*));
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    }};
 }
 
 #[tokio::main]
@@ -92,13 +95,34 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Ok(pending) => {
                         let pid = pending.pid();
                         log!("upgrade started: new process {pid}");
-                        match pending.ready().await {
+                        // Signals still count while the new process starts:
+                        // a stop abandons the upgrade (its process is killed).
+                        let ready = pending.ready();
+                        tokio::pin!(ready);
+                        let outcome = loop {
+                            tokio::select! {
+                                outcome = &mut ready => break outcome,
+                                signal = signals.recv() => match signal {
+                                    Some(Signal::Upgrade) => {
+                                        log!("upgrade refused: one is already running")
+                                    }
+                                    Some(Signal::Stop) | None => {
+                                        log!("stopping");
+                                        baton.stop();
+                                    }
+                                },
+                            }
+                        };
+                        match outcome {
                             Ok(done) => log!(
                                 "upgrade done: pid {} generation {} ready after {} ms",
                                 done.pid,
                                 done.generation,
                                 done.time_to_ready.as_millis()
                             ),
+                            Err(UpgradeError::Stopping) => {
+                                log!("upgrade abandoned: the server is stopping")
+                            }
                             Err(e) => log!("upgrade failed: {e}; still serving"),
                         }
                     }

@@ -237,14 +237,9 @@ where
 /// The future for axum's `with_graceful_shutdown`: completes `idle_grace`
 /// after `stop` is stopped. Choose a grace longer than a client's pause
 /// between two requests on a keep-alive connection.
-pub fn shutdown_signal(
-    stop: StopToken,
-    idle_grace: Duration,
-) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        stop.stopped().await;
-        tokio::time::sleep(idle_grace).await;
-    }
+pub async fn shutdown_signal(stop: StopToken, idle_grace: Duration) {
+    stop.stopped().await;
+    tokio::time::sleep(idle_grace).await;
 }
 
 impl Baton {

@@ -6,7 +6,7 @@
 //! [`tokio::signal`]. The application writes a few lines: get listeners by
 //! name, report ready, serve until stopped, drain.
 //!
-//! With the `axum` feature, [`axum`](mod@crate::axum) serves an axum app on
+//! With the `axum` feature, the module `baton_tokio::axum` serves an axum app on
 //! baton's listeners: `axum::serve(baton.axum_listener(listener), app)`.
 //!
 //! ```no_run

@@ -124,9 +124,13 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Only the generations this test started (the child and the
-        // processes it started by upgrading).
+        // processes it started by upgrading), and only those that have not
+        // said they exit (an exited one's pid may belong to another process).
+        let log = self.log.lock().unwrap().clone();
         for pid in &self.pids {
-            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            if !log.contains(&format!("[pid {pid}] exit")) {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            }
         }
         let _ = self.child.wait();
     }

@@ -3,6 +3,8 @@
 //!
 //! The HTTP handling is one sans-IO module ([`http`]) that every backend
 //! drives, so comparing backends compares runtimes, not HTTP stacks.
+//! The control socket (`--control PATH`: `baton-demo upgrade`, `baton-demo
+//! status`) speaks the line protocol documented in [`control`].
 
 #![forbid(unsafe_code)]
 

@@ -855,6 +855,23 @@ mod tests {
     }
 
     #[test]
+    fn missing_unix_socket_is_refused() {
+        let path =
+            std::env::temp_dir().join(format!("baton-load-{}-none.sock", std::process::id()));
+        let mut config = LoadConfig::unix(&path);
+        config.keep_alive_connections = 1;
+        config.max_requests = 3;
+        let report = Load::start(config).expect("start").wait();
+        assert_eq!(report.ok, 0);
+        assert_eq!(report.failures, BTreeMap::from([(FailureKind::Refused, 3)]));
+        assert!(
+            report.failure_samples[0].contains("no such socket"),
+            "{:?}",
+            report.failure_samples
+        );
+    }
+
+    #[test]
     fn stop_ends_an_unbounded_run() {
         let addr = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

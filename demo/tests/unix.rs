@@ -75,7 +75,13 @@ fn unix_socket_storm(backend: &str) {
     // A stale socket file: bound, then its listener closed.
     drop(UnixListener::bind(&path).expect("bind the stale socket"));
     let stale = std::fs::symlink_metadata(&path).unwrap().ino();
-    assert!(UnixStream::connect(&path).is_err(), "the stale socket answers");
+    // A second link keeps the stale inode allocated, so the new socket file
+    // cannot get its number back and "replaced" shows as a new inode.
+    std::fs::hard_link(&path, dir.path().join("stale.sock")).expect("link the stale socket");
+    assert!(
+        UnixStream::connect(&path).is_err(),
+        "the stale socket answers"
+    );
 
     let listen = format!("unix:{}", path.display());
     let mut command = Command::new(BINARY);
@@ -97,6 +103,8 @@ fn unix_socket_storm(backend: &str) {
     );
     let inode = socket_inode(&server, &path);
     server.check(inode != stale, "the stale socket file was not replaced");
+    // Again a second link: an unlink and re-bind could not reuse the number.
+    std::fs::hard_link(&path, dir.path().join("bound.sock")).expect("link the socket");
 
     let load = Load::start(LoadConfig {
         keep_alive_connections: 4,
@@ -136,6 +144,12 @@ fn unix_socket_storm(backend: &str) {
         let _ = common::get(server.addr(), "/health");
     }
     let report = load.stop();
+    eprintln!(
+        "unix socket storm ({backend}): {} ok, {} failed, per generation {:?}",
+        report.ok,
+        report.failed(),
+        report.per_generation
+    );
     server.check(
         report.failed() == 0,
         format_args!(

@@ -15,10 +15,13 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use baton_mio::{Baton, Config, Connection, ConnectionState, Event, Stream, UpgradeError};
+use baton_mio::{
+    Baton, Config, Connection, ConnectionState, Event, ListenAddr, Stream, UpgradeError,
+};
 use mio::{Interest, Poll, Registry, Token};
 
 use crate::cli::Options;
+use crate::control::{self, Memory, Parsed};
 use crate::events::{self, Events};
 use crate::http::{self, Action, RequestReader, Response, ServerInfo};
 use crate::Failed;
@@ -30,6 +33,8 @@ const FIRST_CONN: usize = baton_mio::TOKENS;
 /// turn of the loop, so a client pipelining without pause cannot starve
 /// the others; the rest waits for the next turn.
 const STEPS_PER_TURN: u32 = 64;
+/// Control connection `n` is `FIRST_CONTROL + n`, far above the HTTP ones.
+const FIRST_CONTROL: usize = usize::MAX / 2;
 
 /// Serve until upgraded or stopped, then drain. Errors are logged.
 pub fn run(options: &Options) -> Result<(), Failed> {
@@ -38,6 +43,9 @@ pub fn run(options: &Options) -> Result<(), Failed> {
     let mut config = Config::default().upgrade_timeout(options.upgrade_timeout);
     if let Some(path) = &options.next_binary {
         config = config.program(path);
+    }
+    if let Some(path) = &options.pid_file {
+        config = config.pid_file(path);
     }
     let mut baton = Baton::new(config, poll.registry(), Token(0)).map_err(events::fatal)?;
     let events = Events::new(baton.generation(), BACKEND);
@@ -65,6 +73,31 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         };
         events.emit(format_args!("listening on {local} ({name}, {origin})"));
     }
+    let control_id = match &options.control {
+        Some(path) => {
+            let addr = ListenAddr::Unix(path.clone());
+            let (id, origin) = match baton.listen_with_origin(control::LISTENER_NAME, &addr) {
+                Ok(listener) => listener,
+                Err(e) => return Err(fail(&baton, e.to_string())),
+            };
+            let origin = match origin {
+                baton_mio::Origin::Inherited => "inherited",
+                baton_mio::Origin::Bound => {
+                    if let Err(e) = control::restrict(path) {
+                        return Err(fail(&baton, e.to_string()));
+                    }
+                    "bound"
+                }
+            };
+            events.emit(format_args!(
+                "listening on unix:{} ({}, {origin})",
+                path.display(),
+                control::LISTENER_NAME
+            ));
+            Some(id)
+        }
+        None => None,
+    };
     let registry = match poll.registry().try_clone() {
         Ok(registry) => registry,
         Err(e) => return Err(fail(&baton, format!("cannot clone the mio registry: {e}"))),
@@ -72,10 +105,20 @@ pub fn run(options: &Options) -> Result<(), Failed> {
     if let Err(e) = baton.handle_signals() {
         return Err(fail(&baton, format!("cannot handle signals: {e}")));
     }
-    if let Err(e) = baton.ready() {
-        events.emit(format_args!("warning: {e}; serving anyway"));
+    let controls_registry = match poll.registry().try_clone() {
+        Ok(registry) => registry,
+        Err(e) => return Err(fail(&baton, format!("cannot clone the mio registry: {e}"))),
+    };
+    match baton.ready() {
+        Ok(()) => {}
+        // Another live process owns the PID file: refuse to start, and tell
+        // the previous generation why (its upgrade fails, it serves on).
+        Err(e @ baton_core::Error::PidFile(_)) => return Err(fail(&baton, e.to_string())),
+        Err(e) => events.emit(format_args!("warning: {e}; serving anyway")),
     }
     events.emit("serving");
+    let memory = Memory::new(baton.generation(), BACKEND);
+    let mut controls = Controls::new(controls_registry, options.write_timeout, events.clone());
 
     let info = ServerInfo {
         pid: std::process::id(),
@@ -85,7 +128,10 @@ pub fn run(options: &Options) -> Result<(), Failed> {
     let mut server = Server::new(registry, options, info);
     let mut ready = mio::Events::with_capacity(1024);
     loop {
-        let timeout = earliest(baton.next_timeout(), server.next_timeout());
+        let timeout = earliest(
+            earliest(baton.next_timeout(), server.next_timeout()),
+            controls.next_timeout(),
+        );
         match poll.poll(&mut ready, timeout) {
             Ok(()) => {}
             // A signal arrived; its pipe is readable on the next poll.
@@ -100,6 +146,9 @@ pub fn run(options: &Options) -> Result<(), Failed> {
             match event {
                 Event::Accept { listener } => loop {
                     match baton.accept(listener) {
+                        Ok(Some((stream, conn))) if Some(listener) == control_id => {
+                            controls.add(stream, conn)
+                        }
                         Ok(Some((stream, conn))) => server.add(stream, conn),
                         Ok(None) => break,
                         // EMFILE and friends: baton pauses the listener.
@@ -109,21 +158,37 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                         }
                     }
                 },
-                Event::Upgrade => match baton.start_upgrade() {
-                    Ok(pid) => events.emit(format_args!("upgrade started: new process {pid}")),
-                    Err(e) => events.emit(format_args!("upgrade failed: {e}; still serving")),
-                },
-                Event::UpgradeDone(Ok(done)) => events.emit(format_args!(
-                    "upgrade done: pid {} generation {} ready after {} ms",
-                    done.pid,
-                    done.generation,
-                    done.time_to_ready.as_millis()
-                )),
-                Event::UpgradeDone(Err(UpgradeError::Stopping)) => {
-                    events.emit("upgrade abandoned: the server is stopping")
+                Event::Upgrade => {
+                    begin_upgrade(&mut baton, &memory, &events, &mut controls, None);
                 }
-                Event::UpgradeDone(Err(e)) => {
-                    events.emit(format_args!("upgrade failed: {e}; still serving"))
+                Event::UpgradeDone(result) => {
+                    let line = match &result {
+                        Ok(done) => {
+                            events.emit(format_args!(
+                                "upgrade done: pid {} generation {} ready after {} ms",
+                                done.pid,
+                                done.generation,
+                                done.time_to_ready.as_millis()
+                            ));
+                            control::outcome_line(Ok(control::Upgraded {
+                                pid: done.pid,
+                                generation: done.generation,
+                                ready_ms: done.time_to_ready.as_millis(),
+                            }))
+                        }
+                        Err(e) => {
+                            if matches!(e, UpgradeError::Stopping) {
+                                events.emit("upgrade abandoned: the server is stopping");
+                            } else {
+                                events.emit(format_args!("upgrade failed: {e}; still serving"));
+                            }
+                            control::outcome_line(Err(&e.to_string()))
+                        }
+                    };
+                    memory.record(&line);
+                    // Answered before the drain starts: the old generation
+                    // exits only once the control connection is closed.
+                    controls.answer_waiting(&line);
                 }
                 Event::Shutdown => {
                     events.emit("stopping: signal received");
@@ -146,7 +211,10 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                 Event::Resumed { successor, status } => events.emit(format_args!(
                     "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
                 )),
-                Event::ForceClose => server.close_all(),
+                Event::ForceClose => {
+                    server.close_all();
+                    controls.close_all();
+                }
                 Event::Drained(report) => {
                     events.emit(format_args!("drained: {report}"));
                     events.emit("exit");
@@ -157,9 +225,312 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         }
         server.resume();
         for event in ready.iter().filter(|e| !baton.owns(e.token())) {
-            server.ready(event);
+            if event.token().0 >= FIRST_CONTROL {
+                controls.ready(event.token());
+            } else {
+                server.ready(event);
+            }
         }
         server.expire(Instant::now());
+        controls.expire(Instant::now());
+        // Control connections that asked for an upgrade, or their status.
+        for (slot, command) in controls.take_requests() {
+            match command {
+                control::Command::Upgrade => {
+                    begin_upgrade(&mut baton, &memory, &events, &mut controls, Some(slot));
+                }
+                control::Command::Status => {
+                    let tracker = baton.tracker();
+                    let answer = memory.status(tracker.open(), tracker.busy()).answer();
+                    controls.answer(slot, answer);
+                }
+            }
+        }
+    }
+}
+
+/// Start an upgrade (SIGHUP, or the control connection in `slot`). Its
+/// outcome comes as [`Event::UpgradeDone`]; if it cannot start, that is
+/// logged and answered now.
+fn begin_upgrade(
+    baton: &mut Baton,
+    memory: &Memory,
+    events: &Events,
+    controls: &mut Controls,
+    slot: Option<(usize, u64)>,
+) {
+    match baton.start_upgrade() {
+        Ok(pid) => {
+            events.emit(format_args!("upgrade started: new process {pid}"));
+            if let Some(slot) = slot {
+                controls.wait_for_outcome(slot);
+            }
+        }
+        Err(e) => {
+            events.emit(format_args!("upgrade failed: {e}; still serving"));
+            let line = control::outcome_line(Err(&e.to_string()));
+            if !matches!(
+                e,
+                UpgradeError::AlreadyRunning { .. } | UpgradeError::Stopping
+            ) {
+                memory.record(&line);
+            }
+            if let Some(slot) = slot {
+                controls.answer(slot, format!("{line}\n"));
+            }
+        }
+    }
+}
+
+/// The control connections ([`crate::control`]): each reads one command,
+/// is answered, and closes. Tracked like HTTP connections, so a drain waits
+/// for an answer in flight; few, so deadlines are found by a scan.
+struct Controls {
+    registry: Registry,
+    conns: Vec<Option<ControlConn>>,
+    free: Vec<usize>,
+    next_serial: u64,
+    /// `(slot, serial)` and command of connections whose command was read.
+    requests: Vec<((usize, u64), control::Command)>,
+    write_timeout: Duration,
+    events: Events,
+}
+
+/// Where a control connection is.
+enum ControlState {
+    /// Reading the command line, until the command deadline.
+    Reading,
+    /// Waiting for the main loop: a status, or (`upgrade`) the outcome of
+    /// the upgrade it started.
+    Waiting { upgrade: bool },
+    /// Writing `out`, until the write deadline.
+    Writing,
+    /// FIN sent: reading until the client closes too (bounded).
+    Closing,
+}
+
+struct ControlConn {
+    serial: u64,
+    stream: Stream,
+    _conn: Connection,
+    state: ControlState,
+    buf: Vec<u8>,
+    /// The answer for a refused peer, sent once its command is read.
+    refusal: Option<String>,
+    out: Vec<u8>,
+    written: usize,
+    deadline: Option<Instant>,
+}
+
+impl Controls {
+    fn new(registry: Registry, write_timeout: Duration, events: Events) -> Self {
+        Controls {
+            registry,
+            conns: Vec::new(),
+            free: Vec::new(),
+            next_serial: 0,
+            requests: Vec::new(),
+            write_timeout,
+            events,
+        }
+    }
+
+    fn add(&mut self, mut stream: Stream, mut conn: Connection) {
+        use std::os::fd::AsFd;
+        conn.set_busy();
+        // Checked now, but the command is read either way: answering before
+        // it is read would make the close reset the connection.
+        let peer = match &stream {
+            Stream::Unix(unix) => control::check_peer(unix.as_fd()),
+            Stream::Tcp(_) => return,
+        };
+        let refusal = peer.err().map(|refusal| {
+            self.events.emit(&refusal.log);
+            refusal.answer
+        });
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let token = Token(FIRST_CONTROL + slot);
+        if self
+            .registry
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            self.free.push(slot);
+            return;
+        }
+        self.next_serial += 1;
+        self.conns[slot] = Some(ControlConn {
+            serial: self.next_serial,
+            stream,
+            _conn: conn,
+            state: ControlState::Reading,
+            buf: Vec::new(),
+            refusal,
+            out: Vec::new(),
+            written: 0,
+            deadline: Some(Instant::now() + control::COMMAND_TIMEOUT),
+        });
+        self.drive(slot);
+    }
+
+    fn ready(&mut self, token: Token) {
+        if let Some(slot) = token.0.checked_sub(FIRST_CONTROL) {
+            self.drive(slot);
+        }
+    }
+
+    /// Make the progress readiness allows (mio reports edges: every read
+    /// and write goes on until it would block).
+    fn drive(&mut self, slot: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let mut chunk = [0u8; control::MAX_COMMAND];
+        // Bounded: each turn reads (at most MAX_COMMAND + a chunk) or writes.
+        for _ in 0..64 {
+            match conn.state {
+                ControlState::Reading => match control::parse(&conn.buf) {
+                    Parsed::Incomplete => match conn.stream.read(&mut chunk) {
+                        Ok(0) => return self.remove(slot),
+                        Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => return self.remove(slot),
+                    },
+                    Parsed::Invalid(answer) => {
+                        let answer = conn.refusal.take().unwrap_or(answer);
+                        conn.write(answer, self.write_timeout);
+                    }
+                    Parsed::Command(command) => match conn.refusal.take() {
+                        Some(answer) => conn.write(answer, self.write_timeout),
+                        None => {
+                            conn.state = ControlState::Waiting { upgrade: false };
+                            conn.deadline = None;
+                            self.requests.push(((slot, conn.serial), command));
+                            return;
+                        }
+                    },
+                },
+                ControlState::Waiting { .. } => return,
+                ControlState::Writing => {
+                    if conn.written == conn.out.len() {
+                        if conn.stream.shutdown(Shutdown::Write).is_err() {
+                            return self.remove(slot);
+                        }
+                        conn.state = ControlState::Closing;
+                        conn.deadline = Some(Instant::now() + Duration::from_secs(1));
+                        continue;
+                    }
+                    match conn.stream.write(&conn.out[conn.written..]) {
+                        Ok(0) => return self.remove(slot),
+                        Ok(n) => conn.written += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => return self.remove(slot),
+                    }
+                }
+                ControlState::Closing => match conn.stream.read(&mut chunk) {
+                    Ok(0) => return self.remove(slot),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return self.remove(slot),
+                },
+            }
+        }
+    }
+
+    /// The connections whose command was read, for the main loop.
+    fn take_requests(&mut self) -> Vec<((usize, u64), control::Command)> {
+        std::mem::take(&mut self.requests)
+    }
+
+    /// The connection `(slot, serial)` started the running upgrade and
+    /// waits for its outcome.
+    fn wait_for_outcome(&mut self, (slot, serial): (usize, u64)) {
+        if let Some(Some(conn)) = self.conns.get_mut(slot) {
+            if conn.serial == serial {
+                conn.state = ControlState::Waiting { upgrade: true };
+            }
+        }
+    }
+
+    /// Answer the connection `(slot, serial)`, if it is still there.
+    fn answer(&mut self, (slot, serial): (usize, u64), answer: String) {
+        if let Some(Some(conn)) = self.conns.get_mut(slot) {
+            if conn.serial == serial && matches!(conn.state, ControlState::Waiting { .. }) {
+                conn.write(answer, self.write_timeout);
+                self.drive(slot);
+            }
+        }
+    }
+
+    /// An upgrade's outcome, to the connection that started it.
+    fn answer_waiting(&mut self, line: &str) {
+        for slot in 0..self.conns.len() {
+            if let Some(Some(conn)) = self.conns.get_mut(slot) {
+                if matches!(conn.state, ControlState::Waiting { upgrade: true }) {
+                    conn.write(format!("{line}\n"), self.write_timeout);
+                    self.drive(slot);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
+            let _ = self.registry.deregister(&mut conn.stream);
+            self.free.push(slot);
+        }
+    }
+
+    fn close_all(&mut self) {
+        for slot in 0..self.conns.len() {
+            self.remove(slot);
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.conns
+            .iter()
+            .flatten()
+            .filter_map(|conn| conn.deadline)
+            .min()
+            .map(|at| at.saturating_duration_since(now))
+    }
+
+    /// Deadlines that passed: a command not read in time is answered so; a
+    /// write or a close that takes too long is cut.
+    fn expire(&mut self, now: Instant) {
+        for slot in 0..self.conns.len() {
+            let Some(Some(conn)) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.deadline.is_none_or(|at| at > now) {
+                continue;
+            }
+            match conn.state {
+                ControlState::Reading => {
+                    let answer = conn.refusal.take().unwrap_or_else(control::timed_out);
+                    conn.write(answer, self.write_timeout);
+                    self.drive(slot);
+                }
+                _ => self.remove(slot),
+            }
+        }
+    }
+}
+
+impl ControlConn {
+    fn write(&mut self, answer: String, timeout: Duration) {
+        self.out = answer.into_bytes();
+        self.written = 0;
+        self.state = ControlState::Writing;
+        self.deadline = Some(Instant::now() + timeout);
     }
 }
 

@@ -417,53 +417,53 @@ async fn serve_control(
     use std::os::fd::AsFd;
     conn.set_busy();
     let tracker = conn.tracker().clone();
-    let answer = match control::check_peer(stream.get_ref().as_fd()) {
-        Err(refusal) => {
-            events.emit(&refusal.log);
-            refusal.answer
-        }
-        Ok(()) => {
-            let read = timeout(control::COMMAND_TIMEOUT, async {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; control::MAX_COMMAND];
-                loop {
-                    match control::parse(&buf) {
-                        Parsed::Incomplete => {}
-                        parsed => return Some(parsed),
-                    }
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return None,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            })
-            .await;
-            match read {
-                None => control::timed_out(),
-                Some(None) | Some(Some(Parsed::Incomplete)) => return,
-                Some(Some(Parsed::Invalid(answer))) => answer,
-                Some(Some(Parsed::Command(control::Command::Status))) => {
-                    memory.status(tracker.open(), tracker.busy()).answer()
-                }
-                Some(Some(Parsed::Command(control::Command::Upgrade))) => {
-                    let (reply, outcome) = channel::bounded(1);
-                    let stopping = || control::outcome_line(Err("the server is stopping"));
-                    let line = if upgrades.send(reply).await.is_err() {
-                        stopping()
-                    } else {
-                        let outcome = async { Some(outcome.recv().await) };
-                        let forced = async {
-                            tracker.forced().await;
-                            None
-                        };
-                        match future::or(outcome, forced).await {
-                            Some(line) => line.unwrap_or_else(|_| stopping()),
-                            None => return,
-                        }
-                    };
-                    format!("{line}\n")
-                }
+    // Check the peer first, but read its command either way: answering
+    // before it is read would make the close reset the connection, and the
+    // refused client would see a reset instead of the reason.
+    let refusal = control::check_peer(stream.get_ref().as_fd()).err();
+    if let Some(refusal) = &refusal {
+        events.emit(&refusal.log);
+    }
+    let read = timeout(control::COMMAND_TIMEOUT, async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; control::MAX_COMMAND];
+        loop {
+            match control::parse(&buf) {
+                Parsed::Incomplete => {}
+                parsed => return Some(parsed),
             }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let answer = match (refusal, read) {
+        (Some(refusal), _) => refusal.answer,
+        (None, None) => control::timed_out(),
+        (None, Some(None | Some(Parsed::Incomplete))) => return,
+        (None, Some(Some(Parsed::Invalid(answer)))) => answer,
+        (None, Some(Some(Parsed::Command(control::Command::Status)))) => {
+            memory.status(tracker.open(), tracker.busy()).answer()
+        }
+        (None, Some(Some(Parsed::Command(control::Command::Upgrade)))) => {
+            let (reply, outcome) = channel::bounded(1);
+            let stopping = || control::outcome_line(Err("the server is stopping"));
+            let line = if upgrades.send(reply).await.is_err() {
+                stopping()
+            } else {
+                let outcome = async { Some(outcome.recv().await) };
+                let forced = async {
+                    tracker.forced().await;
+                    None
+                };
+                match future::or(outcome, forced).await {
+                    Some(line) => line.unwrap_or_else(|_| stopping()),
+                    None => return,
+                }
+            };
+            format!("{line}\n")
         }
     };
     let _ = timeout(write_timeout, async {

@@ -337,49 +337,48 @@ async fn serve_control(
     use std::os::fd::AsFd;
     conn.set_busy();
     let tracker = conn.tracker().clone();
-    let answer = match control::check_peer(stream.as_fd()) {
-        Err(refusal) => {
-            events.emit(&refusal.log);
-            refusal.answer
-        }
-        Ok(()) => {
-            let read = tokio::time::timeout(control::COMMAND_TIMEOUT, async {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; control::MAX_COMMAND];
-                loop {
-                    match control::parse(&buf) {
-                        Parsed::Incomplete => {}
-                        parsed => return Some(parsed),
-                    }
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return None,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            })
-            .await;
-            match read {
-                Err(_elapsed) => control::timed_out(),
-                Ok(None) => return,
-                Ok(Some(Parsed::Invalid(answer))) => answer,
-                Ok(Some(Parsed::Incomplete)) => return,
-                Ok(Some(Parsed::Command(control::Command::Status))) => {
-                    memory.status(tracker.open(), tracker.busy()).answer()
-                }
-                Ok(Some(Parsed::Command(control::Command::Upgrade))) => {
-                    let (reply, outcome) = oneshot::channel();
-                    let stopping = || control::outcome_line(Err("the server is stopping"));
-                    let line = if upgrades.send(reply).await.is_err() {
-                        stopping()
-                    } else {
-                        tokio::select! {
-                            line = outcome => line.unwrap_or_else(|_| stopping()),
-                            _ = tracker.forced() => return,
-                        }
-                    };
-                    format!("{line}\n")
-                }
+    // Check the peer first, but read its command either way: answering
+    // before it is read would make the close reset the connection, and the
+    // refused client would see a reset instead of the reason.
+    let refusal = control::check_peer(stream.as_fd()).err();
+    if let Some(refusal) = &refusal {
+        events.emit(&refusal.log);
+    }
+    let read = tokio::time::timeout(control::COMMAND_TIMEOUT, async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; control::MAX_COMMAND];
+        loop {
+            match control::parse(&buf) {
+                Parsed::Incomplete => {}
+                parsed => return Some(parsed),
             }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let answer = match (refusal, read) {
+        (Some(refusal), _) => refusal.answer,
+        (None, Err(_elapsed)) => control::timed_out(),
+        (None, Ok(None | Some(Parsed::Incomplete))) => return,
+        (None, Ok(Some(Parsed::Invalid(answer)))) => answer,
+        (None, Ok(Some(Parsed::Command(control::Command::Status)))) => {
+            memory.status(tracker.open(), tracker.busy()).answer()
+        }
+        (None, Ok(Some(Parsed::Command(control::Command::Upgrade)))) => {
+            let (reply, outcome) = oneshot::channel();
+            let stopping = || control::outcome_line(Err("the server is stopping"));
+            let line = if upgrades.send(reply).await.is_err() {
+                stopping()
+            } else {
+                tokio::select! {
+                    line = outcome => line.unwrap_or_else(|_| stopping()),
+                    _ = tracker.forced() => return,
+                }
+            };
+            format!("{line}\n")
         }
     };
     let _ = tokio::time::timeout(write_timeout, async {

@@ -104,8 +104,9 @@ impl Line {
 /// How a process the harness reaped ended.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Exit {
-    /// Its status; `None` when it was not our child to reap (its parent
-    /// generation reaped it, which only happens if it died first).
+    /// Its status; `None` when it was not our child to reap: its parent
+    /// generation was still alive (watching it after the handover) and
+    /// reaped it.
     pub(crate) status: Option<ExitStatus>,
 }
 
