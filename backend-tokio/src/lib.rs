@@ -61,6 +61,8 @@
 #[cfg(feature = "axum")]
 pub mod axum;
 mod listener;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::os::fd::AsFd;

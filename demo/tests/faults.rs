@@ -289,7 +289,7 @@ fn assert_no_failures(server: &Server, report: &Report, during: &str) {
 /// The new generation is SIGKILLed right after its `upgrade done` line: the
 /// old one resumes and serves on, under load, then upgrades normally.
 fn successor_dies_after_ready(backend: &str) {
-    let mut server = Server::start(backend, &["--successor-watch", "10s"]);
+    let mut server = Server::start(backend, &["--successor-watch", "4s"]);
     let old = server.pid();
 
     // Load across a normal upgrade, stopped at "upgrade done" (nothing to lose there).
