@@ -311,6 +311,8 @@ impl Generation {
         let pid = lock(&self.successor).take();
         self.stop.resume();
         self.tracker.resume();
+        // Serving again: upgrades are allowed again.
+        self.upgrader.rearm();
         self.notify(&format!(
             "MAINPID={}\nREADY=1\nSTATUS=serving again: new generation {} ended ({successor_status})",
             std::process::id(),

@@ -157,6 +157,16 @@ impl Upgrader {
         }
     }
 
+    /// Allow upgrades again after a successful one: this process serves
+    /// again because its new generation died ([`Generation::resume`] calls
+    /// it). Until then, every upgrade after a success is refused with
+    /// [`UpgradeError::AlreadyRunning`].
+    ///
+    /// [`Generation::resume`]: crate::Generation::resume
+    pub fn rearm(&self) {
+        self.running.store(false, Ordering::Release);
+    }
+
     /// The binary the next generation runs.
     pub fn program(&self) -> &Path {
         &self.program
@@ -165,7 +175,7 @@ impl Upgrader {
     /// Start the next generation with `sockets` at fds 3.., in order.
     ///
     /// Fails at once with [`UpgradeError::AlreadyRunning`] while another
-    /// upgrade is pending, and with [`UpgradeError::Binary`] before forking
+    /// upgrade is pending or after one succeeded (until [`rearm`](Self::rearm)), and with [`UpgradeError::Binary`] before forking
     /// if the binary is missing or not executable.
     pub fn start(
         &self,
@@ -176,7 +186,10 @@ impl Upgrader {
                 pid: self.running_pid.load(Ordering::Acquire),
             });
         }
-        let running = RunningGuard(self.running.clone());
+        let running = RunningGuard {
+            running: self.running.clone(),
+            handed_over: false,
+        };
         check_executable(&self.program).map_err(|source| UpgradeError::Binary {
             path: self.program.clone(),
             source,
@@ -216,19 +229,27 @@ impl Upgrader {
             started: Instant::now(),
             timeout: self.timeout,
             settled: false,
-            _running: running,
+            running,
         })
     }
 }
 
-/// Clears the "upgrade running" flag when the pending upgrade ends, however
-/// it ends.
+/// Clears the "upgrade running" flag when the pending upgrade fails, however
+/// it fails. After a success the flag stays set until
+/// [`Upgrader::rearm`]: the generation is handing over, and clearing it
+/// would let a second upgrade start between the ready report and the stop
+/// that follows it (two new generations from one old one).
 #[derive(Debug)]
-struct RunningGuard(Arc<AtomicBool>);
+struct RunningGuard {
+    running: Arc<AtomicBool>,
+    handed_over: bool,
+}
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        if !self.handed_over {
+            self.running.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -246,7 +267,7 @@ pub struct PendingUpgrade {
     started: Instant,
     timeout: Duration,
     settled: bool,
-    _running: RunningGuard,
+    running: RunningGuard,
 }
 
 impl PendingUpgrade {
@@ -312,6 +333,7 @@ impl PendingUpgrade {
     fn parse_report(&mut self) -> Option<Result<Upgraded, UpgradeError>> {
         if self.report.first() == Some(&READY) {
             self.settled = true;
+            self.running.handed_over = true;
             return Some(Ok(Upgraded {
                 pid: self.pid,
                 generation: self.generation,
@@ -531,6 +553,28 @@ mod tests {
         let again = upgrader.start(&[]).unwrap();
         drop(again); // killed and reaped, flag cleared
         assert!(upgrader.start(&[]).is_ok());
+    }
+
+    #[test]
+    fn no_second_upgrade_after_a_success_until_rearmed() {
+        // With no socket passed, the readiness fd is 3.
+        let path = script("ready-then-hang.sh", "printf 1 >&3\nexec sleep 30");
+        let upgrader = upgrader(&path, Duration::from_secs(10));
+        let pending = upgrader.start(&[]).unwrap();
+        let pid = pending.pid();
+        run(pending).unwrap();
+        // Between the ready report and the stop of this generation, a
+        // second upgrade would start a second new generation.
+        let err = upgrader.start(&[]).unwrap_err();
+        assert!(
+            matches!(err, UpgradeError::AlreadyRunning { pid: p } if p == pid),
+            "{err}"
+        );
+        sys::kill(pid).unwrap();
+        sys::reap(pid).unwrap();
+        upgrader.rearm(); // the new generation died: serving again
+        let again = upgrader.start(&[]).unwrap();
+        drop(again);
     }
 
     #[test]
