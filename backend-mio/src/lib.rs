@@ -341,15 +341,7 @@ impl Baton {
         if index >= max {
             return Err(Error::TooManyListeners { max });
         }
-        let (socket, origin) = self.generation.listen(name, addr)?;
-        let mut listener =
-            baton_core::ListenerHandoff::from_listen_socket(socket).map_err(|source| {
-                baton_core::Error::Listen {
-                    name: name.to_owned(),
-                    addr: addr.to_string(),
-                    source,
-                }
-            })?;
+        let (mut listener, origin): (Listener, Origin) = self.generation.listen(name, addr)?;
         let token = self.token(FIRST_LISTENER + index);
         self.registry
             .register(&mut listener, token, Interest::READABLE)
@@ -753,15 +745,7 @@ impl Baton {
         self.generation.resume(status);
         for index in 0..self.listeners.len() {
             let name = self.listeners[index].name.clone();
-            let reopened = self.generation.reopen(&name).and_then(|socket| {
-                baton_core::ListenerHandoff::from_listen_socket(socket).map_err(|source| {
-                    baton_core::Error::Listen {
-                        name: name.clone(),
-                        addr: "(held)".to_owned(),
-                        source,
-                    }
-                })
-            });
+            let reopened = self.generation.reopen::<Listener>(&name);
             let mut listener: Listener = match reopened {
                 Ok(listener) => listener,
                 Err(e) => {

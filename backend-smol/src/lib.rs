@@ -115,16 +115,7 @@ impl Baton {
         name: &str,
         addr: &ListenAddr,
     ) -> Result<(Listener, Origin), Error> {
-        let (socket, origin) = self.generation.listen(name, addr)?;
-        let listener =
-            baton_core::ListenerHandoff::from_listen_socket(socket).map_err(|source| {
-                Error::Listen {
-                    name: name.to_owned(),
-                    addr: addr.to_string(),
-                    source,
-                }
-            })?;
-        Ok((listener, origin))
+        self.generation.listen(name, addr)
     }
 
     /// Report to the parent that this generation serves: call it once the
@@ -252,12 +243,7 @@ impl Baton {
     /// Another listener on the socket `name` this generation holds, for
     /// accept loops restarted after [`DrainOutcome::Resumed`].
     pub fn reopen(&self, name: &str) -> Result<Listener, Error> {
-        let socket = self.generation.reopen(name)?;
-        baton_core::ListenerHandoff::from_listen_socket(socket).map_err(|source| Error::Listen {
-            name: name.to_owned(),
-            addr: "(held)".to_owned(),
-            source,
-        })
+        self.generation.reopen(name)
     }
 }
 

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::Write as _;
 use std::process::{Command, ExitCode};
 
-use baton_core::{Config, Generation, ListenAddr};
+use baton_core::{Config, Generation, ListenAddr, ListenSocket};
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -38,7 +38,7 @@ fn run(output: &str, addr: &str) -> Result<(), Box<dyn std::error::Error>> {
     let generation = Generation::from_env(Config::default())?;
     let addr: ListenAddr = addr.parse()?;
     let result = (|| -> Result<(), Box<dyn std::error::Error>> {
-        let (listener, origin) = generation.listen("http", &addr)?;
+        let (listener, origin) = generation.listen::<ListenSocket>("http", &addr)?;
         let mut file = File::create(output)?;
         writeln!(file, "listener http: {origin:?}")?;
         let status = Command::new("/bin/sh")

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::listeners::{ListenAddr, ListenSocket, Listeners, Origin};
+use crate::listeners::{ListenAddr, ListenSocket, ListenerHandoff, Listeners, Origin};
 use crate::notify::{self, Notifier};
 use crate::pidfile::PidFile;
 use crate::protocol;
@@ -216,8 +216,15 @@ impl Generation {
     /// The listener `name`: inherited if the parent passed it, else bound
     /// to `addr` (a stale Unix socket file there is replaced). Non-blocking
     /// and close-on-exec; this generation keeps its own copy to hand on.
-    pub fn listen(&self, name: &str, addr: &ListenAddr) -> Result<(ListenSocket, Origin), Error> {
-        self.listeners.listen(name, addr)
+    /// Returned as the runtime's listener type `L` (or as a plain
+    /// [`ListenSocket`]).
+    pub fn listen<L: ListenerHandoff>(
+        &self,
+        name: &str,
+        addr: &ListenAddr,
+    ) -> Result<(L, Origin), Error> {
+        let (socket, origin) = self.listeners.listen(name, addr)?;
+        Ok((handoff(socket, name, &addr.to_string())?, origin))
     }
 
     /// Tell the parent this generation serves, so it stops accepting and
@@ -328,8 +335,8 @@ impl Generation {
 
     /// Another listener on the socket `name` this generation holds, to
     /// accept again after [`resume`](Self::resume).
-    pub fn reopen(&self, name: &str) -> Result<ListenSocket, Error> {
-        self.listeners.reopen(name)
+    pub fn reopen<L: ListenerHandoff>(&self, name: &str) -> Result<L, Error> {
+        handoff(self.listeners.reopen(name)?, name, "(held)")
     }
 
     /// Record that an upgrade failed and this generation serves on.
@@ -365,6 +372,15 @@ impl Generation {
     pub fn tracker(&self) -> &Tracker {
         &self.tracker
     }
+}
+
+/// Turn `socket` into the runtime's listener type, naming it in the error.
+fn handoff<L: ListenerHandoff>(socket: ListenSocket, name: &str, addr: &str) -> Result<L, Error> {
+    L::from_listen_socket(socket).map_err(|source| Error::Listen {
+        name: name.to_owned(),
+        addr: addr.to_owned(),
+        source,
+    })
 }
 
 fn send(notifier: &Notifier, state: &str) {

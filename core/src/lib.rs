@@ -24,7 +24,8 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let generation = Generation::from_env(Config::default())?;
-//! let (listener, _origin) = generation.listen("http", &"127.0.0.1:8080".parse()?)?;
+//! let (listener, _origin) =
+//!     generation.listen::<baton_core::ListenSocket>("http", &"127.0.0.1:8080".parse()?)?;
 //! generation.ready()?; // tell the parent, if any, that we serve
 //! // ... serve `listener` in your runtime; then, on SIGHUP:
 //! let mut pending = generation.start_upgrade()?;

@@ -51,6 +51,13 @@ struct Held {
     fd: OwnedFd,
 }
 
+/// The socket as it is, for callers that convert it themselves.
+impl ListenerHandoff for ListenSocket {
+    fn from_listen_socket(socket: ListenSocket) -> io::Result<Self> {
+        Ok(socket)
+    }
+}
+
 /// Sockets inherited but not yet claimed, and sockets held for the next
 /// generation.
 #[derive(Debug, Default)]

@@ -175,8 +175,9 @@ impl Upgrader {
     /// Start the next generation with `sockets` at fds 3.., in order.
     ///
     /// Fails at once with [`UpgradeError::AlreadyRunning`] while another
-    /// upgrade is pending or after one succeeded (until [`rearm`](Self::rearm)), and with [`UpgradeError::Binary`] before forking
-    /// if the binary is missing or not executable.
+    /// upgrade is pending or after one succeeded (until
+    /// [`rearm`](Self::rearm)), and with [`UpgradeError::Binary`] before
+    /// forking if the binary is missing or not executable.
     pub fn start(
         &self,
         sockets: &[(&str, BorrowedFd<'_>)],
