@@ -67,6 +67,9 @@ struct Inner {
     force: AtomicBool,
     /// Notified when `open` drops to zero and when `force` is set.
     changed: Event,
+    /// Notified whenever a connection closes (`open` decreases), for
+    /// [`Tracker::below`]; only accept loops listen to it.
+    closed: Event,
 }
 
 impl fmt::Debug for Tracker {
@@ -92,6 +95,7 @@ impl Tracker {
             forced: AtomicUsize::new(0),
             force: AtomicBool::new(false),
             changed: Event::new(),
+            closed: Event::new(),
         });
         // Remember how many were open when the drain began, for the report.
         let weak = Arc::downgrade(&inner);
@@ -152,10 +156,22 @@ impl Tracker {
         self.wait_until(|t| t.open() == 0).await;
     }
 
+    /// Resolves when fewer than `n` connections are open, at once if so
+    /// already. Any executor. An accept loop waits on it before accepting,
+    /// to bound open connections with backpressure: clients wait in the
+    /// kernel's accept queue until a connection closes.
+    pub async fn below(&self, n: usize) {
+        self.wait_on(&self.inner.closed, |t| t.open() < n).await;
+    }
+
     async fn wait_until(&self, done: impl Fn(&Self) -> bool) {
+        self.wait_on(&self.inner.changed, done).await;
+    }
+
+    async fn wait_on(&self, event: &Event, done: impl Fn(&Self) -> bool) {
         // Check, listen, check again, so a change between the two is not lost.
         while !done(self) {
-            let listener = self.inner.changed.listen();
+            let listener = event.listen();
             if done(self) {
                 break;
             }
@@ -252,6 +268,7 @@ impl Drop for Connection {
         if inner.open.fetch_sub(1, Ordering::SeqCst) == 1 {
             inner.changed.notify(usize::MAX);
         }
+        inner.closed.notify(usize::MAX);
     }
 }
 
@@ -316,6 +333,23 @@ mod tests {
         drop(conn);
         waiter.join().unwrap();
         block_on(tracker.empty()); // already empty: returns at once
+    }
+
+    #[test]
+    fn below_resolves_when_a_connection_closes() {
+        let tracker = Tracker::new(StopToken::new());
+        block_on(tracker.below(1)); // none open: at once
+        let a = tracker.track();
+        let b = tracker.track();
+        block_on(tracker.below(3)); // 2 < 3: at once
+        let waiter = {
+            let tracker = tracker.clone();
+            std::thread::spawn(move || block_on(tracker.below(2)))
+        };
+        drop(a); // 1 open: below 2, though not empty
+        waiter.join().unwrap();
+        assert_eq!(tracker.open(), 1);
+        drop(b);
     }
 
     fn block_on<F: std::future::Future>(fut: F) -> F::Output {

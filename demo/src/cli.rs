@@ -60,7 +60,9 @@ pub struct Options {
     /// between requests, including when the machine is busy.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub idle_grace: Duration,
-    /// How long a client may take to send a request head once it started.
+    /// How long a client may take to send a whole request (head and body)
+    /// once its first byte arrived; trickling bytes does not extend it
+    /// (slowloris). The client gets 408 and the connection closes.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
     /// How long a keep-alive connection may stay idle.
@@ -69,6 +71,13 @@ pub struct Options {
     /// How long writing a response may take (a client that never reads).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub write_timeout: Duration,
+    /// Most connections open at once (HTTP and control; at least 1). At the
+    /// limit the server stops accepting: new clients wait in the kernel's
+    /// listen queue and are served as soon as a connection closes, instead
+    /// of being accepted and closed. With several listeners it may be
+    /// exceeded by at most one connection per extra listener.
+    #[arg(long, value_name = "N", default_value = "10000", value_parser = parse_max_connections)]
+    pub max_connections: usize,
     /// Keep a PID file here naming the process that serves: written by each
     /// generation once ready, removed at a graceful stop.
     #[arg(long, value_name = "PATH")]
@@ -77,6 +86,26 @@ pub struct Options {
     /// mode 0600, handed to each next generation. See `baton-demo upgrade`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Read named listeners, backend and timeouts from this TOML file at
+    /// start-up (every generation re-reads it, so edit it and send SIGHUP to
+    /// add, remove or keep listeners and switch runtime). It replaces
+    /// --listen, --backend, --backend-file and the timeout flags, which
+    /// cannot be given with it. Keys: backend, the timeouts by their flag
+    /// names (upgrade_timeout = "10s", …), and a `[listeners]` table of
+    /// NAME = "IP:PORT" or "unix:/path" (README: Configuration file).
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = [
+            "listen", "backend", "backend_file", "upgrade_timeout", "drain_timeout",
+            "successor_watch", "idle_grace", "header_timeout", "idle_timeout", "write_timeout",
+        ]
+    )]
+    pub config: Option<PathBuf>,
+    /// The listeners named in the --config file, once it is applied
+    /// (`baton_demo::config::apply`); see [`Options::listeners`].
+    #[arg(skip)]
+    pub named_listeners: Option<Vec<(String, ListenAddr)>>,
     /// A command for a running server instead of serving.
     #[command(subcommand)]
     pub command: Option<Subcommand>,
@@ -114,6 +143,20 @@ impl Options {
         match index {
             0 => "http".to_owned(),
             n => format!("http-{n}"),
+        }
+    }
+
+    /// The listeners to serve, by name: those of the --config file, else
+    /// the --listen addresses named by [`Options::listener_name`].
+    pub fn listeners(&self) -> Vec<(String, ListenAddr)> {
+        match &self.named_listeners {
+            Some(named) => named.clone(),
+            None => self
+                .listen
+                .iter()
+                .enumerate()
+                .map(|(index, addr)| (Self::listener_name(index), addr.clone()))
+                .collect(),
         }
     }
 
@@ -161,6 +204,15 @@ fn read_backend_file(path: &Path) -> Result<String, String> {
     }
 }
 
+/// A connection limit: a whole number, at least 1.
+fn parse_max_connections(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("--max-connections must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a number of connections")),
+    }
+}
+
 /// Parse `250ms`, `10s`, `2m`, or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -192,6 +244,19 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("10h").is_err());
         assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn max_connections_defaults_and_bounds() {
+        assert_eq!(Options::parse_from(["baton-demo"]).max_connections, 10_000);
+        let options = Options::parse_from(["baton-demo", "--max-connections", "2"]);
+        assert_eq!(options.max_connections, 2);
+        for bad in ["0", "-1", "many"] {
+            assert!(
+                Options::try_parse_from(["baton-demo", "--max-connections", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

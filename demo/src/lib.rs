@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod control_client;
 pub mod events;
@@ -24,14 +25,19 @@ pub struct Failed;
 /// Run the server with the backend `options` selects, until it has upgraded
 /// or stopped and drained. Errors are logged before `Err` is returned.
 pub fn run(options: &cli::Options) -> Result<(), Failed> {
-    let backend = options.backend().map_err(|message| {
-        // Started by an upgrade (say with a bad --backend-file), tell the
-        // parent why, so its upgrade fails with the reason and it serves on.
+    let report = |message: String| {
+        // Started by an upgrade (say with a bad --config or --backend-file),
+        // tell the parent why, so its upgrade fails with the reason and it
+        // serves on.
         if let Ok(generation) = baton_core::Generation::from_env(baton_core::Config::default()) {
             let _ = generation.report_error(&message);
         }
         events::fatal(message)
-    })?;
+    };
+    // Read the --config file once: backend, listeners and timeouts all come
+    // from the same version of it.
+    let options = &config::apply(options).map_err(report)?;
+    let backend = options.backend().map_err(report)?;
     match backend {
         #[cfg(feature = "tokio")]
         "tokio" => backend::tokio::run(options),

@@ -16,7 +16,7 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use baton_mio::{
-    Baton, Config, Connection, ConnectionState, Event, ListenAddr, Stream, UpgradeError,
+    Baton, Config, Connection, ConnectionState, Event, ListenAddr, ListenerId, Stream, UpgradeError,
 };
 use mio::{Interest, Poll, Registry, Token};
 
@@ -57,9 +57,8 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         Failed
     };
 
-    for (index, addr) in options.listen.iter().enumerate() {
-        let name = Options::listener_name(index);
-        let (id, origin) = match baton.listen_with_origin(&name, addr) {
+    for (name, addr) in &options.listeners() {
+        let (id, origin) = match baton.listen_with_origin(name, addr) {
             Ok(listener) => listener,
             Err(e) => return Err(fail(&baton, e.to_string())),
         };
@@ -127,6 +126,8 @@ pub fn run(options: &Options) -> Result<(), Failed> {
     };
     let mut server = Server::new(registry, options, info);
     let mut ready = mio::Events::with_capacity(1024);
+    // Listeners left with clients waiting at --max-connections.
+    let mut held: Vec<ListenerId> = Vec::new();
     loop {
         let timeout = earliest(
             earliest(baton.next_timeout(), server.next_timeout()),
@@ -144,12 +145,12 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         baton.process(&ready);
         while let Some(event) = baton.next_event() {
             match event {
+                Event::Accept { listener } if Some(listener) != control_id => {
+                    accept_http(&mut baton, listener, &mut server, &events, &mut held);
+                }
                 Event::Accept { listener } => loop {
                     match baton.accept(listener) {
-                        Ok(Some((stream, conn))) if Some(listener) == control_id => {
-                            controls.add(stream, conn)
-                        }
-                        Ok(Some((stream, conn))) => server.add(stream, conn),
+                        Ok(Some((stream, conn))) => controls.add(stream, conn),
                         Ok(None) => break,
                         // EMFILE and friends: baton pauses the listener.
                         Err(e) => {
@@ -233,6 +234,12 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         }
         server.expire(Instant::now());
         controls.expire(Instant::now());
+        // Connections closed: accept again on the listeners held at the limit.
+        if !held.is_empty() && baton.tracker().open() < options.max_connections {
+            for listener in std::mem::take(&mut held) {
+                accept_http(&mut baton, listener, &mut server, &events, &mut held);
+            }
+        }
         // Control connections that asked for an upgrade, or their status.
         for (slot, command) in controls.take_requests() {
             match command {
@@ -244,6 +251,37 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                     let answer = memory.status(tracker.open(), tracker.busy()).answer();
                     controls.answer(slot, answer);
                 }
+            }
+        }
+    }
+}
+
+/// Accept HTTP connections on `listener` until none is waiting. At
+/// --max-connections it stops and records the listener in `held`: the
+/// clients wait in the kernel's accept queue (backpressure, not a refusal),
+/// and the loop accepts again once a connection closes. The listener's
+/// readiness is edge-triggered, so leaving it unaccepted cannot spin.
+fn accept_http(
+    baton: &mut Baton,
+    listener: ListenerId,
+    server: &mut Server<'_>,
+    events: &Events,
+    held: &mut Vec<ListenerId>,
+) {
+    loop {
+        if baton.tracker().open() >= server.ctx.options.max_connections {
+            if !held.contains(&listener) {
+                held.push(listener);
+            }
+            return;
+        }
+        match baton.accept(listener) {
+            Ok(Some((stream, conn))) => server.add(stream, conn),
+            Ok(None) => return,
+            // EMFILE and friends: baton pauses the listener.
+            Err(e) => {
+                events.emit(format_args!("warning: accept: {e}; backing off"));
+                return;
             }
         }
     }
@@ -748,6 +786,9 @@ struct Conn {
     in_grace: bool,
     /// Steps left in this turn of the loop.
     steps: u32,
+    /// When the first byte of the request being read arrived: the header
+    /// timeout bounds the whole request, so trickling bytes cannot extend it.
+    request_started: Option<Instant>,
 }
 
 /// What one read brought.
@@ -775,6 +816,7 @@ impl Conn {
             rearm: true,
             in_grace: false,
             steps: STEPS_PER_TURN,
+            request_started: None,
         }
     }
 
@@ -790,6 +832,7 @@ impl Conn {
                     match self.reader.next_request() {
                         Ok(Some(request)) => {
                             self.conn.set_busy();
+                            self.request_started = None;
                             self.handle(&request, ctx);
                             continue;
                         }
@@ -820,12 +863,14 @@ impl Conn {
                         self.rearm = false;
                         let options = ctx.options;
                         self.in_grace = idle && self.conn.is_draining();
-                        let timeout = match (idle, self.in_grace) {
-                            (true, true) => options.idle_grace,
-                            (true, false) => options.idle_timeout,
-                            (false, _) => options.header_timeout,
-                        };
-                        self.deadline = Some(Instant::now() + timeout);
+                        let now = Instant::now();
+                        self.deadline = Some(match (idle, self.in_grace) {
+                            (true, true) => now + options.idle_grace,
+                            (true, false) => now + options.idle_timeout,
+                            (false, _) => {
+                                *self.request_started.get_or_insert(now) + options.header_timeout
+                            }
+                        });
                     }
                     return Next::Wait;
                 }

@@ -106,10 +106,9 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
         backend: BACKEND,
     });
     let mut listeners = Vec::new();
-    for (index, addr) in options.listen.iter().enumerate() {
-        let name = Options::listener_name(index);
+    for (name, addr) in &options.listeners() {
         let (listener, origin) = baton
-            .listen_with_origin(&name, addr)
+            .listen_with_origin(name, addr)
             .map_err(|e| fail(e.to_string()))?;
         let local = listener.local_addr().unwrap_or_else(|_| addr.to_string());
         let origin = match origin {
@@ -209,8 +208,7 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
                 events.emit(format_args!(
                     "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
                 ));
-                for index in 0..options.listen.len() {
-                    let name = Options::listener_name(index);
+                for (name, _) in options.listeners() {
                     match baton.reopen(&name) {
                         Ok(listener) => listeners.push(listener),
                         Err(e) => events.emit(format_args!("error: {e}")),
@@ -486,6 +484,19 @@ async fn accept_loop(
     let stop = baton.stop_token();
     let tracker = baton.tracker();
     loop {
+        // Backpressure: at --max-connections, leave new clients in the
+        // kernel's accept queue until a connection closes.
+        let stopped = async {
+            stop.stopped().await;
+            true
+        };
+        let below = async {
+            tracker.below(options.max_connections).await;
+            false
+        };
+        if future::or(stopped, below).await {
+            break;
+        }
         // `or` prefers its first future: a stop wins over a ready connection.
         let stopped = async {
             stop.stopped().await;
@@ -570,9 +581,15 @@ async fn serve_connection(
     let mut reader = RequestReader::new();
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::with_capacity(1024);
+    // When the first byte of the request being read arrived: the header
+    // timeout bounds the whole request, so trickling bytes cannot extend it.
+    let mut request_started: Option<std::time::Instant> = None;
     loop {
         let request = match reader.next_request() {
-            Ok(Some(request)) => request,
+            Ok(Some(request)) => {
+                request_started = None;
+                request
+            }
             Ok(None) => {
                 let idle = reader.is_idle();
                 if idle {
@@ -583,7 +600,11 @@ async fn serve_connection(
                 let timeout_for = match (idle, conn.is_draining()) {
                     (true, true) => options.idle_grace,
                     (true, false) => options.idle_timeout,
-                    (false, _) => options.header_timeout,
+                    (false, _) => options.header_timeout.saturating_sub(
+                        request_started
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed(),
+                    ),
                 };
                 // Stop while idle: re-enter the loop to wait only the grace.
                 let watch_stop = idle && !conn.is_draining();

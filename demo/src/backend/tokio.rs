@@ -52,10 +52,9 @@ async fn serve(options: &Options) -> Result<(), Failed> {
         backend: BACKEND,
     });
     let mut listeners = Vec::new();
-    for (index, addr) in options.listen.iter().enumerate() {
-        let name = Options::listener_name(index);
+    for (name, addr) in &options.listeners() {
         let (listener, origin) = baton
-            .listen_with_origin(&name, addr)
+            .listen_with_origin(name, addr)
             .map_err(|e| fail(e.to_string()))?;
         let local = listener.local_addr().unwrap_or_else(|_| addr.to_string());
         let origin = match origin {
@@ -153,8 +152,7 @@ async fn serve(options: &Options) -> Result<(), Failed> {
                 events.emit(format_args!(
                     "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
                 ));
-                for index in 0..options.listen.len() {
-                    let name = Options::listener_name(index);
+                for (name, _) in options.listeners() {
                     match baton.reopen(&name) {
                         Ok(listener) => listeners.push(listener),
                         Err(e) => events.emit(format_args!("error: {e}")),
@@ -400,6 +398,13 @@ async fn accept_loop(
     let stop = baton.stop_token();
     let tracker = baton.tracker();
     loop {
+        // Backpressure: at --max-connections, leave new clients in the
+        // kernel's accept queue until a connection closes.
+        tokio::select! {
+            biased;
+            _ = stop.stopped() => break,
+            _ = tracker.below(options.max_connections) => {}
+        }
         let accepted = tokio::select! {
             biased;
             _ = stop.stopped() => break,
@@ -451,9 +456,15 @@ async fn serve_connection(
     let mut reader = RequestReader::new();
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::with_capacity(1024);
+    // When the first byte of the request being read arrived: the header
+    // timeout bounds the whole request, so trickling bytes cannot extend it.
+    let mut request_started: Option<std::time::Instant> = None;
     loop {
         let request = match reader.next_request() {
-            Ok(Some(request)) => request,
+            Ok(Some(request)) => {
+                request_started = None;
+                request
+            }
             Ok(None) => {
                 let idle = reader.is_idle();
                 if idle {
@@ -464,7 +475,11 @@ async fn serve_connection(
                 let timeout = match (idle, conn.is_draining()) {
                     (true, true) => options.idle_grace,
                     (true, false) => options.idle_timeout,
-                    (false, _) => options.header_timeout,
+                    (false, _) => options.header_timeout.saturating_sub(
+                        request_started
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed(),
+                    ),
                 };
                 let read = tokio::select! {
                     read = tokio::time::timeout(timeout, stream.read(&mut buf)) => read,
