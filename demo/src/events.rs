@@ -32,6 +32,37 @@ impl Events {
         let _ = std::io::stderr().write_all(line.as_bytes());
     }
 
+    /// Log how an upgrade ended, as every backend does, and return the
+    /// control socket's answer line for it.
+    pub fn upgrade_outcome(
+        &self,
+        result: &Result<baton_core::Upgraded, baton_core::UpgradeError>,
+    ) -> String {
+        match result {
+            Ok(done) => {
+                self.emit(format_args!(
+                    "upgrade done: pid {} generation {} ready after {} ms",
+                    done.pid,
+                    done.generation,
+                    done.time_to_ready.as_millis()
+                ));
+                crate::control::outcome_line(Ok(crate::control::Upgraded {
+                    pid: done.pid,
+                    generation: done.generation,
+                    ready_ms: done.time_to_ready.as_millis(),
+                }))
+            }
+            Err(e) => {
+                if matches!(e, baton_core::UpgradeError::Stopping) {
+                    self.emit("upgrade abandoned: the server is stopping");
+                } else {
+                    self.emit(format_args!("upgrade failed: {e}; still serving"));
+                }
+                crate::control::outcome_line(Err(&e.to_string()))
+            }
+        }
+    }
+
     /// Route the `log` records of baton's libraries through these events
     /// (info and above). Only the first call installs the logger.
     pub fn install_as_logger(&self) {

@@ -163,29 +163,7 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                     begin_upgrade(&mut baton, &memory, &events, &mut controls, None);
                 }
                 Event::UpgradeDone(result) => {
-                    let line = match &result {
-                        Ok(done) => {
-                            events.emit(format_args!(
-                                "upgrade done: pid {} generation {} ready after {} ms",
-                                done.pid,
-                                done.generation,
-                                done.time_to_ready.as_millis()
-                            ));
-                            control::outcome_line(Ok(control::Upgraded {
-                                pid: done.pid,
-                                generation: done.generation,
-                                ready_ms: done.time_to_ready.as_millis(),
-                            }))
-                        }
-                        Err(e) => {
-                            if matches!(e, UpgradeError::Stopping) {
-                                events.emit("upgrade abandoned: the server is stopping");
-                            } else {
-                                events.emit(format_args!("upgrade failed: {e}; still serving"));
-                            }
-                            control::outcome_line(Err(&e.to_string()))
-                        }
-                    };
+                    let line = events.upgrade_outcome(&result);
                     memory.record(&line);
                     // Answered before the drain starts: the old generation
                     // exits only once the control connection is closed.

@@ -139,6 +139,26 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
         }
         None => None,
     };
+    let mut udp = match options.udp {
+        Some(addr) => {
+            let (socket, origin) = baton
+                .datagram(crate::cli::UDP_NAME, addr)
+                .map_err(|e| fail(e.to_string()))?;
+            let local = socket
+                .local_addr()
+                .map_or_else(|_| addr.to_string(), |a| a.to_string());
+            let origin = match origin {
+                baton_smol::Origin::Inherited => "inherited",
+                baton_smol::Origin::Bound => "bound",
+            };
+            events.emit(format_args!(
+                "listening on udp:{local} ({}, {origin})",
+                crate::cli::UDP_NAME
+            ));
+            Some(socket)
+        }
+        None => None,
+    };
     let memory = Arc::new(Memory::new(baton.generation(), BACKEND));
     let mut signals = baton
         .signals()
@@ -168,6 +188,19 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
                 ))
             })
             .collect();
+        let udp_loop = match udp.take().map(Async::new) {
+            Some(Ok(socket)) => Some(executor.spawn(udp_echo(
+                socket,
+                baton.clone(),
+                info.clone(),
+                events.clone(),
+            ))),
+            Some(Err(e)) => {
+                events.emit(format_args!("error: udp: {e}"));
+                None
+            }
+            None => None,
+        };
         // Control connections ask the signal loop for upgrades on this
         // channel, one per round of serving.
         let (upgrades, requests) = channel::bounded(16);
@@ -189,7 +222,7 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
         while let Ok(reply) = requests.try_recv() {
             let _ = reply.try_send(control::outcome_line(Err("the server is stopping")));
         }
-        for task in accept_loops.into_iter().chain(control_loop) {
+        for task in accept_loops.into_iter().chain(control_loop).chain(udp_loop) {
             task.await;
         }
         events.emit(format_args!(
@@ -211,6 +244,12 @@ async fn serve(options: &Options, executor: &Arc<Executor<'static>>) -> Result<(
                 for (name, _) in options.listeners() {
                     match baton.reopen(&name) {
                         Ok(listener) => listeners.push(listener),
+                        Err(e) => events.emit(format_args!("error: {e}")),
+                    }
+                }
+                if options.udp.is_some() {
+                    match baton.reopen_datagram(crate::cli::UDP_NAME) {
+                        Ok(socket) => udp = Some(socket),
                         Err(e) => events.emit(format_args!("error: {e}")),
                     }
                 }
@@ -318,29 +357,7 @@ fn begin_upgrade(
     ));
     let (memory, events) = (memory.clone(), events.clone());
     Some(executor.spawn(async move {
-        let line = match pending.ready().await {
-            Ok(done) => {
-                events.emit(format_args!(
-                    "upgrade done: pid {} generation {} ready after {} ms",
-                    done.pid,
-                    done.generation,
-                    done.time_to_ready.as_millis()
-                ));
-                control::outcome_line(Ok(control::Upgraded {
-                    pid: done.pid,
-                    generation: done.generation,
-                    ready_ms: done.time_to_ready.as_millis(),
-                }))
-            }
-            Err(e) => {
-                if matches!(e, UpgradeError::Stopping) {
-                    events.emit("upgrade abandoned: the server is stopping");
-                } else {
-                    events.emit(format_args!("upgrade failed: {e}; still serving"));
-                }
-                control::outcome_line(Err(&e.to_string()))
-            }
-        };
+        let line = events.upgrade_outcome(&pending.ready().await);
         memory.record(&line);
         answer(line);
     }))
@@ -348,6 +365,42 @@ fn begin_upgrade(
 
 /// Accept control connections until stopped. Each is tracked like an HTTP
 /// connection, so a drain waits until its answer is written.
+/// Echo datagrams until stopped, then drop this handle on the socket: the
+/// next generation reads the rest of the shared queue. A datagram received
+/// is always answered, even if the stop comes meanwhile.
+async fn udp_echo(
+    socket: Async<std::net::UdpSocket>,
+    baton: Baton,
+    info: Arc<ServerInfo>,
+    events: Events,
+) {
+    let stop = baton.stop_token();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        // `or` prefers its first future: a stop wins over a ready datagram,
+        // and a receive that lost the race has read nothing.
+        let stopped = async {
+            stop.stopped().await;
+            None
+        };
+        let received = async { Some(socket.recv_from(&mut buf).await) };
+        let Some(received) = future::or(stopped, received).await else {
+            break;
+        };
+        match received {
+            Ok((len, peer)) => {
+                let reply = crate::cli::udp_echo(&info, &buf[..len]);
+                if let Err(e) = socket.send_to(&reply, peer).await {
+                    events.emit(format_args!("warning: udp reply to {peer}: {e}"));
+                }
+            }
+            // ICMP errors from an earlier reply (ECONNREFUSED) concern
+            // that peer only.
+            Err(_) => {}
+        }
+    }
+}
+
 async fn control_loop(
     listener: Listener,
     baton: Baton,

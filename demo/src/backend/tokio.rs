@@ -85,6 +85,26 @@ async fn serve(options: &Options) -> Result<(), Failed> {
         }
         None => None,
     };
+    let mut udp = match options.udp {
+        Some(addr) => {
+            let (socket, origin) = baton
+                .datagram(crate::cli::UDP_NAME, addr)
+                .map_err(|e| fail(e.to_string()))?;
+            let local = socket
+                .local_addr()
+                .map_or_else(|_| addr.to_string(), |a| a.to_string());
+            let origin = match origin {
+                baton_tokio::Origin::Inherited => "inherited",
+                baton_tokio::Origin::Bound => "bound",
+            };
+            events.emit(format_args!(
+                "listening on udp:{local} ({}, {origin})",
+                crate::cli::UDP_NAME
+            ));
+            Some(socket)
+        }
+        None => None,
+    };
     let memory = Arc::new(Memory::new(baton.generation(), BACKEND));
     let mut signals = baton
         .signals()
@@ -113,6 +133,19 @@ async fn serve(options: &Options) -> Result<(), Failed> {
                 ))
             })
             .collect();
+        let udp_loop = match udp.take().map(tokio::net::UdpSocket::from_std) {
+            Some(Ok(socket)) => Some(tokio::spawn(udp_echo(
+                socket,
+                baton.clone(),
+                info.clone(),
+                events.clone(),
+            ))),
+            Some(Err(e)) => {
+                events.emit(format_args!("error: udp: {e}"));
+                None
+            }
+            None => None,
+        };
         // Control connections ask the signal loop for upgrades on this
         // channel, one per round of serving.
         let (upgrades, mut requests) = mpsc::channel(16);
@@ -133,7 +166,7 @@ async fn serve(options: &Options) -> Result<(), Failed> {
         while let Some(reply) = requests.recv().await {
             let _ = reply.send(control::outcome_line(Err("the server is stopping")));
         }
-        for task in accept_loops.into_iter().chain(control_loop) {
+        for task in accept_loops.into_iter().chain(control_loop).chain(udp_loop) {
             let _ = task.await;
         }
         events.emit(format_args!(
@@ -155,6 +188,12 @@ async fn serve(options: &Options) -> Result<(), Failed> {
                 for (name, _) in options.listeners() {
                     match baton.reopen(&name) {
                         Ok(listener) => listeners.push(listener),
+                        Err(e) => events.emit(format_args!("error: {e}")),
+                    }
+                }
+                if options.udp.is_some() {
+                    match baton.reopen_datagram(crate::cli::UDP_NAME) {
+                        Ok(socket) => udp = Some(socket),
                         Err(e) => events.emit(format_args!("error: {e}")),
                     }
                 }
@@ -252,29 +291,7 @@ fn begin_upgrade(
     ));
     let (memory, events) = (memory.clone(), events.clone());
     Some(tokio::spawn(async move {
-        let line = match pending.ready().await {
-            Ok(done) => {
-                events.emit(format_args!(
-                    "upgrade done: pid {} generation {} ready after {} ms",
-                    done.pid,
-                    done.generation,
-                    done.time_to_ready.as_millis()
-                ));
-                control::outcome_line(Ok(control::Upgraded {
-                    pid: done.pid,
-                    generation: done.generation,
-                    ready_ms: done.time_to_ready.as_millis(),
-                }))
-            }
-            Err(e) => {
-                if matches!(e, UpgradeError::Stopping) {
-                    events.emit("upgrade abandoned: the server is stopping");
-                } else {
-                    events.emit(format_args!("upgrade failed: {e}; still serving"));
-                }
-                control::outcome_line(Err(&e.to_string()))
-            }
-        };
+        let line = events.upgrade_outcome(&pending.ready().await);
         memory.record(&line);
         answer(line);
     }))
@@ -384,6 +401,37 @@ async fn serve_control(
         stream.shutdown().await
     })
     .await;
+}
+
+/// Echo datagrams until stopped, then drop this handle on the socket: the
+/// next generation reads the rest of the shared queue. A datagram received
+/// is always answered, even if the stop comes meanwhile.
+async fn udp_echo(
+    socket: tokio::net::UdpSocket,
+    baton: Baton,
+    info: Arc<ServerInfo>,
+    events: Events,
+) {
+    let stop = baton.stop_token();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = stop.stopped() => break,
+            received = socket.recv_from(&mut buf) => received,
+        };
+        match received {
+            Ok((len, peer)) => {
+                let reply = crate::cli::udp_echo(&info, &buf[..len]);
+                if let Err(e) = socket.send_to(&reply, peer).await {
+                    events.emit(format_args!("warning: udp reply to {peer}: {e}"));
+                }
+            }
+            // ICMP errors from an earlier reply (ECONNREFUSED) concern
+            // that peer only.
+            Err(_) => {}
+        }
+    }
 }
 
 /// Accept until stopped, then drop the listener: this process stops taking
