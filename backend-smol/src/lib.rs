@@ -118,6 +118,23 @@ impl Baton {
         self.generation.listen(name, addr)
     }
 
+    /// The UDP socket `name`: inherited if the previous generation passed
+    /// it, else bound to `addr`. Non-blocking; wrap it in the runtime's UDP
+    /// type. It is handed to the next generation like a listener.
+    pub fn datagram(
+        &self,
+        name: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(std::net::UdpSocket, Origin), Error> {
+        self.generation.datagram(name, addr)
+    }
+
+    /// Another handle on the datagram socket `name`, to serve again after
+    /// the successor died (see [`reopen`](Self::reopen)).
+    pub fn reopen_datagram(&self, name: &str) -> Result<std::net::UdpSocket, Error> {
+        self.generation.reopen_datagram(name)
+    }
+
     /// Report to the parent that this generation serves: call it once the
     /// listeners accept. The parent then stops accepting and drains.
     pub fn ready(&self) -> Result<(), Error> {

@@ -227,6 +227,25 @@ impl Generation {
         Ok((handoff(socket, name, &addr.to_string())?, origin))
     }
 
+    /// The UDP socket `name`: inherited if the parent passed it (it must be
+    /// a datagram socket of `addr`'s family), else bound to `addr`.
+    /// Non-blocking and close-on-exec; this generation keeps its own copy,
+    /// handed on with the listeners. Datagrams queued on it are read by
+    /// whichever generation reads first.
+    pub fn datagram(
+        &self,
+        name: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(std::net::UdpSocket, Origin), Error> {
+        self.listeners.datagram(name, addr)
+    }
+
+    /// Another handle on the datagram socket `name` this generation holds,
+    /// to serve again after [`resume`](Self::resume).
+    pub fn reopen_datagram(&self, name: &str) -> Result<std::net::UdpSocket, Error> {
+        self.listeners.reopen_datagram(name)
+    }
+
     /// Tell the parent this generation serves, so it stops accepting and
     /// drains. Inherited sockets nobody claimed are closed now. Without a
     /// parent (generation 0, systemd) this only closes them.

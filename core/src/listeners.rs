@@ -129,7 +129,10 @@ impl Listeners {
             addr: "(held)".to_owned(),
             source: io::Error::new(io::ErrorKind::NotFound, "no listener of this name is open"),
         };
-        let socket = held.iter().find(|h| h.name == name).ok_or_else(missing)?;
+        let socket = held
+            .iter()
+            .find(|h| h.name == name && !is_datagram(h.fd.as_fd()))
+            .ok_or_else(missing)?;
         let copy = socket.fd.try_clone().map_err(|source| Error::Listen {
             name: name.to_owned(),
             addr: "(held)".to_owned(),
@@ -140,6 +143,106 @@ impl Listeners {
             Ok(libc::AF_UNIX) => ListenSocket::Unix(UnixListener::from(copy)),
             _ => ListenSocket::Tcp(std::net::TcpListener::from(copy)),
         })
+    }
+
+    /// The datagram socket `name`: inherited if passed (it must be a UDP
+    /// socket of `addr`'s family), else bound to `addr`. Held for handoff in
+    /// the same list as the listeners, so it is passed on with its name.
+    pub(crate) fn datagram(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<(std::net::UdpSocket, Origin), Error> {
+        protocol::validate_name(name)?;
+        let listen_error = |source| Error::Listen {
+            name: name.to_owned(),
+            addr: format!("udp:{addr}"),
+            source,
+        };
+        let mut held = lock(&self.held);
+        if held.iter().any(|h| h.name == name) {
+            return Err(listen_error(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a socket of this name is already open",
+            )));
+        }
+        let (fd, origin) = match self.take_inherited_datagram(name, addr)? {
+            Some(fd) => (fd, Origin::Inherited),
+            None => (bind_datagram(addr).map_err(listen_error)?, Origin::Bound),
+        };
+        let copy = fd.try_clone().map_err(listen_error)?;
+        held.push(Held {
+            name: name.to_owned(),
+            fd,
+        });
+        Ok((std::net::UdpSocket::from(copy), origin))
+    }
+
+    /// Another duplicate of the held datagram socket `name`, for a
+    /// generation that serves again after it had stopped.
+    pub(crate) fn reopen_datagram(&self, name: &str) -> Result<std::net::UdpSocket, Error> {
+        let held = lock(&self.held);
+        let error = |source| Error::Listen {
+            name: name.to_owned(),
+            addr: "(held)".to_owned(),
+            source,
+        };
+        let socket = held
+            .iter()
+            .find(|h| h.name == name && is_datagram(h.fd.as_fd()))
+            .ok_or_else(|| {
+                error(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no datagram socket of this name is open",
+                ))
+            })?;
+        let copy = socket.fd.try_clone().map_err(error)?;
+        Ok(std::net::UdpSocket::from(copy))
+    }
+
+    /// Like [`take_inherited`](Self::take_inherited), for a datagram socket.
+    fn take_inherited_datagram(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<Option<OwnedFd>, Error> {
+        let matches = |fd: BorrowedFd<'_>| {
+            socket2::SockRef::from(&fd)
+                .local_addr()
+                .ok()
+                .and_then(|local| local.as_socket())
+                .is_some_and(|have| {
+                    if addr.port() == 0 {
+                        have.ip() == addr.ip()
+                    } else {
+                        have == addr
+                    }
+                })
+        };
+        let mut inherited = lock(&self.inherited);
+        let position = inherited.iter().position(|h| h.name == name).or_else(|| {
+            inherited.iter().position(|h| {
+                h.name == UNNAMED && is_datagram(h.fd.as_fd()) && matches(h.fd.as_fd())
+            })
+        });
+        let Some(index) = position else {
+            return Ok(None);
+        };
+        let fd = inherited[index].fd.as_fd();
+        check_datagram(fd, addr).map_err(|problem| Error::Inherited {
+            name: name.to_owned(),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            problem,
+        })?;
+        let held = inherited.remove(index);
+        if matches(held.fd.as_fd()) {
+            Ok(Some(held.fd))
+        } else {
+            log::info!(
+                "inherited datagram socket {name:?} is not at {addr}: closing it and binding anew"
+            );
+            Ok(None)
+        }
     }
 
     /// Inherit or bind, keep one fd for handoff, return a duplicate.
@@ -177,9 +280,9 @@ impl Listeners {
     fn take_inherited(&self, name: &str, addr: &ListenAddr) -> Result<Option<OwnedFd>, Error> {
         let mut inherited = lock(&self.inherited);
         let position = inherited.iter().position(|h| h.name == name).or_else(|| {
-            inherited
-                .iter()
-                .position(|h| h.name == UNNAMED && addr.matches(h.fd.as_fd()))
+            inherited.iter().position(|h| {
+                h.name == UNNAMED && !is_datagram(h.fd.as_fd()) && addr.matches(h.fd.as_fd())
+            })
         });
         let Some(index) = position else {
             return Ok(None);
@@ -255,6 +358,48 @@ fn check_listener(fd: BorrowedFd<'_>, addr: &ListenAddr) -> Result<(), String> {
             .map_err(|e| format!("cannot make it non-blocking: {e}"))?;
     }
     Ok(())
+}
+
+/// True if `fd` is a datagram socket.
+fn is_datagram(fd: BorrowedFd<'_>) -> bool {
+    sys::socket_info(fd).is_ok_and(|info| info.socket_type == libc::SOCK_DGRAM)
+}
+
+/// Validate that `fd` is a UDP socket of `addr`'s family, and make sure it
+/// is non-blocking.
+fn check_datagram(fd: BorrowedFd<'_>, addr: SocketAddr) -> Result<(), String> {
+    let info = sys::socket_info(fd).map_err(|e| format!("not a socket: {e}"))?;
+    if info.socket_type != libc::SOCK_DGRAM {
+        return Err(format!(
+            "socket type {} is not a datagram socket",
+            info.socket_type
+        ));
+    }
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    if info.family != family {
+        return Err(format!(
+            "address family {} is not that of {addr}",
+            info.family
+        ));
+    }
+    if !sys::is_nonblocking(fd).map_err(|e| e.to_string())? {
+        socket2::SockRef::from(&fd)
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot make it non-blocking: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Bind a fresh UDP socket: non-blocking, close-on-exec.
+fn bind_datagram(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    socket.bind(&SockAddr::from(addr))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// An address to listen on: `127.0.0.1:8080`, `[::1]:8080` or `unix:/path`.
@@ -497,6 +642,79 @@ mod tests {
         };
         let err = tcp(&listeners, "http", loopback()).unwrap_err();
         assert!(err.to_string().contains("not listening"), "{err}");
+    }
+
+    #[test]
+    fn bound_datagram_socket_is_nonblocking_cloexec_held_and_reopened() {
+        let listeners = Listeners::default();
+        let (socket, origin) = listeners.datagram("udp", loopback()).unwrap();
+        assert_eq!(origin, Origin::Bound);
+        assert!(sys::is_nonblocking(socket.as_fd()).unwrap());
+        assert!(sys::is_cloexec(socket.as_fd()).unwrap());
+        listeners.with_handoff(|sockets| {
+            assert_eq!(sockets.len(), 1);
+            assert_eq!(sockets[0].0, "udp");
+        });
+        let again = listeners.reopen_datagram("udp").unwrap();
+        assert_eq!(again.local_addr().unwrap(), socket.local_addr().unwrap());
+        assert!(listeners.reopen("udp").is_err(), "not a stream listener");
+        let err = listeners.datagram("udp", loopback()).unwrap_err();
+        assert!(err.to_string().contains("already open"), "{err}");
+    }
+
+    #[test]
+    fn inherited_datagram_socket_is_adopted_and_kinds_never_mix() {
+        let udp = std::net::UdpSocket::bind(loopback()).unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp_listener = std::net::TcpListener::bind(loopback()).unwrap();
+        let listeners = Listeners {
+            inherited: Mutex::new(vec![
+                Held {
+                    name: "udp".into(),
+                    fd: udp.into(),
+                },
+                Held {
+                    name: "http".into(),
+                    fd: tcp_listener.into(),
+                },
+            ]),
+            held: Mutex::default(),
+        };
+        // A stream name is not satisfied by a datagram socket, nor the reverse.
+        let err = tcp(&listeners, "udp", addr).unwrap_err();
+        assert!(err.to_string().contains("not a stream socket"), "{err}");
+        let err = listeners.datagram("http", loopback()).unwrap_err();
+        assert!(err.to_string().contains("not a datagram socket"), "{err}");
+        let (adopted, origin) = listeners.datagram("udp", addr).unwrap();
+        assert_eq!(
+            (adopted.local_addr().unwrap(), origin),
+            (addr, Origin::Inherited)
+        );
+        assert!(sys::is_nonblocking(adopted.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn unnamed_sockets_are_matched_by_kind_and_address() {
+        let udp = std::net::UdpSocket::bind(loopback()).unwrap();
+        let addr = udp.local_addr().unwrap();
+        let listeners = Listeners {
+            inherited: Mutex::new(vec![Held {
+                name: UNNAMED.into(),
+                fd: udp.into(),
+            }]),
+            held: Mutex::default(),
+        };
+        // A TCP listener at the same port does not take the UDP socket.
+        let tcp_port_free = std::net::TcpListener::bind(addr).is_ok();
+        if tcp_port_free {
+            let (_bound, origin) = tcp(&listeners, "http", addr).unwrap();
+            assert_eq!(origin, Origin::Bound);
+        }
+        let (adopted, origin) = listeners.datagram("udp", addr).unwrap();
+        assert_eq!(
+            (adopted.local_addr().unwrap(), origin),
+            (addr, Origin::Inherited)
+        );
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub struct Options {
     /// listeners are named http, http-1, http-2, … in this order.
     #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: Vec<ListenAddr>,
+    /// Also serve a UDP echo on this IP:PORT (socket named `udp`, handed to
+    /// each next generation like a listener). Each datagram is answered
+    /// with `gen=G pid=P ` followed by the datagram. Not with --backend mio.
+    #[arg(long, value_name = "ADDR")]
+    pub udp: Option<std::net::SocketAddr>,
     /// Runtime to serve with, among those compiled in.
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
@@ -135,6 +140,18 @@ pub enum Subcommand {
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
     },
+}
+
+/// The name of the --udp socket, in the handoff.
+pub const UDP_NAME: &str = "udp";
+
+/// The answer to the UDP datagram `data`: `gen=G pid=P ` then `data`,
+/// cut to fit in one datagram.
+pub fn udp_echo(info: &crate::http::ServerInfo, data: &[u8]) -> Vec<u8> {
+    let mut reply = format!("gen={} pid={} ", info.generation, info.pid).into_bytes();
+    let room = 65_507usize.saturating_sub(reply.len());
+    reply.extend_from_slice(&data[..data.len().min(room)]);
+    reply
 }
 
 impl Options {
