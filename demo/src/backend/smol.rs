@@ -387,16 +387,13 @@ async fn udp_echo(
         let Some(received) = future::or(stopped, received).await else {
             break;
         };
-        match received {
-            Ok((len, peer)) => {
-                let reply = crate::cli::udp_echo(&info, &buf[..len]);
-                if let Err(e) = socket.send_to(&reply, peer).await {
-                    events.emit(format_args!("warning: udp reply to {peer}: {e}"));
-                }
+        // A receive error (ECONNREFUSED from the ICMP answer to an earlier
+        // reply) concerns that peer only.
+        if let Ok((len, peer)) = received {
+            let reply = crate::cli::udp_echo(&info, &buf[..len]);
+            if let Err(e) = socket.send_to(&reply, peer).await {
+                events.emit(format_args!("warning: udp reply to {peer}: {e}"));
             }
-            // ICMP errors from an earlier reply (ECONNREFUSED) concern
-            // that peer only.
-            Err(_) => {}
         }
     }
 }
