@@ -142,6 +142,8 @@ struct LoadShared {
     ok: AtomicU64,
     failures: Mutex<Vec<String>>,
     pids: Mutex<std::collections::BTreeSet<u32>>,
+    /// Notified after every response, for `wait_until`.
+    answered: std::sync::Condvar,
 }
 
 /// Keep-alive clients that check every response; a `Connection: close`
@@ -166,9 +168,12 @@ fn start_load(addr: SocketAddr, shared: &Arc<LoadShared>) -> Vec<JoinHandle<()>>
                     match request(&mut conn, addr, &path) {
                         Ok((pid, close)) => {
                             shared.ok.fetch_add(1, Ordering::Relaxed);
+                            let mut pids = shared.pids.lock().unwrap();
                             if let Some(pid) = pid {
-                                shared.pids.lock().unwrap().insert(pid);
+                                pids.insert(pid);
                             }
+                            drop(pids);
+                            shared.answered.notify_all();
                             if close {
                                 conn = None;
                             }
@@ -270,7 +275,7 @@ fn restart_storm() {
     for round in 0..UPGRADES {
         // Some traffic on the current generation before each upgrade.
         let before = shared.ok.load(Ordering::Relaxed);
-        wait_until(Duration::from_secs(20), || {
+        wait_until(&shared, Duration::from_secs(20), |_| {
             shared.ok.load(Ordering::Relaxed) >= before + 20
         });
         kill(Pid::from_raw(current as i32), Signal::SIGHUP).unwrap();
@@ -283,8 +288,8 @@ fn restart_storm() {
         current = new;
     }
     // The last generation serves the load.
-    wait_until(Duration::from_secs(20), || {
-        shared.pids.lock().unwrap().contains(&current)
+    wait_until(&shared, Duration::from_secs(20), |pids| {
+        pids.contains(&current)
     });
     shared.stop.store(true, Ordering::Relaxed);
     for thread in threads {
@@ -327,14 +332,19 @@ fn restart_storm() {
     assert!(!log.contains("timed out"), "{log}");
 }
 
-/// Poll `condition` (bounded): the load's counters have no event to wait on.
-fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) {
+/// Wait (bounded) until `condition` holds, woken by each response of the load.
+/// The load threads take the same lock before they notify, so a response
+/// between the check and the wait is not missed.
+fn wait_until(
+    shared: &LoadShared,
+    timeout: Duration,
+    condition: impl Fn(&std::collections::BTreeSet<u32>) -> bool,
+) {
     let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
+    let mut guard = shared.pids.lock().unwrap();
+    while !condition(&guard) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "condition not met within {timeout:?}");
+        guard = shared.answered.wait_timeout(guard, left).unwrap().0;
     }
 }
