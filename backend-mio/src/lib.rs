@@ -358,6 +358,26 @@ impl Baton {
         Ok((ListenerId(index), origin))
     }
 
+    /// The UDP socket `name`: inherited if the previous generation passed
+    /// it, else bound to `addr`. Non-blocking; it is handed to the next
+    /// generation like a listener. Unlike listeners it is not registered:
+    /// the application wraps it with `mio::net::UdpSocket::from_std`,
+    /// registers it under one of its own tokens, and deregisters and drops
+    /// it at [`Event::Stop`] (the generation keeps a copy for the handoff).
+    pub fn datagram(
+        &self,
+        name: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<(std::net::UdpSocket, Origin), Error> {
+        Ok(self.generation.datagram(name, addr)?)
+    }
+
+    /// Another handle on the datagram socket `name`, to serve it again
+    /// after [`Event::Resumed`].
+    pub fn reopen_datagram(&self, name: &str) -> Result<std::net::UdpSocket, Error> {
+        Ok(self.generation.reopen_datagram(name)?)
+    }
+
     /// The listener `id`, while it is open (until the stop).
     pub fn listener(&self, id: ListenerId) -> Option<&Listener> {
         self.listeners.get(id.0)?.listener.as_ref()

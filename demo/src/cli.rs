@@ -29,7 +29,7 @@ pub struct Options {
     pub listen: Vec<ListenAddr>,
     /// Also serve a UDP echo on this IP:PORT (socket named `udp`, handed to
     /// each next generation like a listener). Each datagram is answered
-    /// with `gen=G pid=P ` followed by the datagram. Not with --backend mio.
+    /// with `gen=G pid=P ` followed by the datagram.
     #[arg(long, value_name = "ADDR")]
     pub udp: Option<std::net::SocketAddr>,
     /// Runtime to serve with, among those compiled in.

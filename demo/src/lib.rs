@@ -38,11 +38,6 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
     // from the same version of it.
     let options = &config::apply(options).map_err(report)?;
     let backend = options.backend().map_err(report)?;
-    if backend == "mio" && options.udp.is_some() {
-        return Err(report(
-            "--udp is not supported by the mio backend (use tokio or smol)".to_owned(),
-        ));
-    }
     match backend {
         #[cfg(feature = "tokio")]
         "tokio" => backend::tokio::run(options),

@@ -35,6 +35,8 @@ const FIRST_CONN: usize = baton_mio::TOKENS;
 const STEPS_PER_TURN: u32 = 64;
 /// Control connection `n` is `FIRST_CONTROL + n`, far above the HTTP ones.
 const FIRST_CONTROL: usize = usize::MAX / 2;
+/// The `--udp` socket, between the HTTP and the control connections.
+const UDP: Token = Token(FIRST_CONTROL - 1);
 
 /// Serve until upgraded or stopped, then drain. Errors are logged.
 pub fn run(options: &Options) -> Result<(), Failed> {
@@ -97,6 +99,40 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         }
         None => None,
     };
+    let info = ServerInfo {
+        pid: std::process::id(),
+        generation: baton.generation(),
+        backend: BACKEND,
+    };
+    let mut udp = match options.udp {
+        Some(addr) => {
+            let (socket, origin) = match baton.datagram(crate::cli::UDP_NAME, addr) {
+                Ok(datagram) => datagram,
+                Err(e) => return Err(fail(&baton, e.to_string())),
+            };
+            let local = socket
+                .local_addr()
+                .map_or_else(|_| addr.to_string(), |a| a.to_string());
+            let origin = match origin {
+                baton_mio::Origin::Inherited => "inherited",
+                baton_mio::Origin::Bound => "bound",
+            };
+            events.emit(format_args!(
+                "listening on udp:{local} ({}, {origin})",
+                crate::cli::UDP_NAME
+            ));
+            let registry = match poll.registry().try_clone() {
+                Ok(registry) => registry,
+                Err(e) => return Err(fail(&baton, format!("cannot clone the mio registry: {e}"))),
+            };
+            let mut udp = Udp::new(registry, info.clone(), events.clone());
+            if let Err(e) = udp.serve(socket) {
+                return Err(fail(&baton, format!("udp: {e}")));
+            }
+            Some(udp)
+        }
+        None => None,
+    };
     let registry = match poll.registry().try_clone() {
         Ok(registry) => registry,
         Err(e) => return Err(fail(&baton, format!("cannot clone the mio registry: {e}"))),
@@ -119,11 +155,6 @@ pub fn run(options: &Options) -> Result<(), Failed> {
     let memory = Memory::new(baton.generation(), BACKEND);
     let mut controls = Controls::new(controls_registry, options.write_timeout, events.clone());
 
-    let info = ServerInfo {
-        pid: std::process::id(),
-        generation: baton.generation(),
-        backend: BACKEND,
-    };
     let mut server = Server::new(registry, options, info);
     let mut ready = mio::Events::with_capacity(1024);
     // Listeners left with clients waiting at --max-connections.
@@ -186,10 +217,25 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                         baton.drain(options.drain_timeout);
                     }
                     server.stop();
+                    // The next generation reads the rest of the shared queue.
+                    if let Some(udp) = udp.as_mut() {
+                        udp.stop();
+                    }
                 }
-                Event::Resumed { successor, status } => events.emit(format_args!(
-                    "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
-                )),
+                Event::Resumed { successor, status } => {
+                    events.emit(format_args!(
+                        "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
+                    ));
+                    if let Some(udp) = udp.as_mut() {
+                        let reopened = baton
+                            .reopen_datagram(crate::cli::UDP_NAME)
+                            .map_err(|e| e.to_string())
+                            .and_then(|socket| udp.serve(socket).map_err(|e| e.to_string()));
+                        if let Err(e) = reopened {
+                            events.emit(format_args!("error: udp: {e}"));
+                        }
+                    }
+                }
                 Event::ForceClose => {
                     server.close_all();
                     controls.close_all();
@@ -204,7 +250,11 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         }
         server.resume();
         for event in ready.iter().filter(|e| !baton.owns(e.token())) {
-            if event.token().0 >= FIRST_CONTROL {
+            if event.token() == UDP {
+                if let Some(udp) = udp.as_mut() {
+                    udp.ready();
+                }
+            } else if event.token().0 >= FIRST_CONTROL {
                 controls.ready(event.token());
             } else {
                 server.ready(event);
@@ -230,6 +280,84 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                     controls.answer(slot, answer);
                 }
             }
+        }
+    }
+}
+
+/// The `--udp` echo: registered under [`UDP`] while this generation serves.
+struct Udp {
+    registry: Registry,
+    socket: Option<mio::net::UdpSocket>,
+    info: ServerInfo,
+    events: Events,
+    buf: Vec<u8>,
+}
+
+impl Udp {
+    fn new(registry: Registry, info: ServerInfo, events: Events) -> Self {
+        Udp {
+            registry,
+            socket: None,
+            info,
+            events,
+            buf: vec![0; 65_536],
+        }
+    }
+
+    /// Serve `socket` (from the generation): register it under [`UDP`].
+    /// Datagrams already queued are reported by the registration.
+    fn serve(&mut self, socket: std::net::UdpSocket) -> io::Result<()> {
+        let mut socket = mio::net::UdpSocket::from_std(socket);
+        self.registry
+            .register(&mut socket, UDP, Interest::READABLE)?;
+        self.socket = Some(socket);
+        Ok(())
+    }
+
+    /// Echo every datagram waiting (readiness is edge-triggered). A
+    /// datagram received is always answered, unless the send buffer is
+    /// full: that reply is dropped, as UDP may.
+    fn ready(&mut self) {
+        let Some(socket) = self.socket.as_ref() else {
+            return;
+        };
+        loop {
+            let (len, peer) = match socket.recv_from(&mut self.buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // ECONNREFUSED from the ICMP answer to an earlier reply
+                // concerns that peer only.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    self.events.emit(format_args!("warning: udp: {e}"));
+                    return;
+                }
+            };
+            let reply = crate::cli::udp_echo(&self.info, &self.buf[..len]);
+            match socket.send_to(&reply, peer) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => self
+                    .events
+                    .emit(format_args!("warning: udp reply to {peer}: {e}")),
+            }
+        }
+    }
+
+    /// The stop: deregister and drop this handle. The generation's own copy
+    /// keeps the socket open for the next generation (and a resume).
+    fn stop(&mut self) {
+        if let Some(mut socket) = self.socket.take() {
+            let _ = self.registry.deregister(&mut socket);
         }
     }
 }
