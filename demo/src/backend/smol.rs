@@ -679,7 +679,8 @@ async fn serve_connection(
                     Wake::Read(Some(Ok(n))) => reader.push(&buf[..n]),
                     Wake::Read(None) if idle => return close(stream, &options).await,
                     Wake::Read(None) => {
-                        respond_error(&mut stream, 408, &info, &mut out).await;
+                        respond_error(&mut stream, 408, &info, &mut out, options.write_timeout)
+                            .await;
                         return close(stream, &options).await;
                     }
                 }
@@ -687,7 +688,7 @@ async fn serve_connection(
             }
             Err(status) => {
                 conn.set_busy();
-                respond_error(&mut stream, status, &info, &mut out).await;
+                respond_error(&mut stream, status, &info, &mut out, options.write_timeout).await;
                 conn.set_idle();
                 return close(stream, &options).await;
             }
@@ -729,10 +730,18 @@ async fn serve_connection(
     }
 }
 
-async fn respond_error(stream: &mut Stream, status: u16, info: &ServerInfo, out: &mut Vec<u8>) {
+/// Answer a bad request, bounded like any response by `--write-timeout`
+/// (a client that never reads must not hold the connection).
+async fn respond_error(
+    stream: &mut Stream,
+    status: u16,
+    info: &ServerInfo,
+    out: &mut Vec<u8>,
+    write_timeout: Duration,
+) {
     out.clear();
     http::encode(&http::error_response(status), info, true, out);
-    let _ = stream.write_all(out).await;
+    let _ = timeout(write_timeout, stream.write_all(out)).await;
 }
 
 /// Close without a reset: send FIN, then read what the client still sends

@@ -537,7 +537,8 @@ async fn serve_connection(
                     Ok(Ok(n)) => reader.push(&buf[..n]),
                     Err(_elapsed) if idle => return close(stream, &options).await,
                     Err(_elapsed) => {
-                        respond_error(&mut stream, 408, &info, &mut out).await;
+                        respond_error(&mut stream, 408, &info, &mut out, options.write_timeout)
+                            .await;
                         return close(stream, &options).await;
                     }
                 }
@@ -545,7 +546,7 @@ async fn serve_connection(
             }
             Err(status) => {
                 conn.set_busy();
-                respond_error(&mut stream, status, &info, &mut out).await;
+                respond_error(&mut stream, status, &info, &mut out, options.write_timeout).await;
                 conn.set_idle();
                 return close(stream, &options).await;
             }
@@ -578,10 +579,18 @@ async fn serve_connection(
     }
 }
 
-async fn respond_error(stream: &mut Stream, status: u16, info: &ServerInfo, out: &mut Vec<u8>) {
+/// Answer a bad request, bounded like any response by `--write-timeout`
+/// (a client that never reads must not hold the connection).
+async fn respond_error(
+    stream: &mut Stream,
+    status: u16,
+    info: &ServerInfo,
+    out: &mut Vec<u8>,
+    write_timeout: Duration,
+) {
     out.clear();
     http::encode(&http::error_response(status), info, true, out);
-    let _ = stream.write_all(out).await;
+    let _ = tokio::time::timeout(write_timeout, stream.write_all(out)).await;
 }
 
 /// Close without a reset: send FIN, then read what the client still sends
