@@ -83,21 +83,17 @@ fn udp_line(server: &mut Server, pid: u32) -> (SocketAddr, String) {
     }
 }
 
-/// The first line of `pid` satisfying `predicate`, waiting for it up to
-/// [`LINE_TIMEOUT`].
-fn find_soon(
-    server: &mut Server,
-    pid: u32,
-    predicate: impl Fn(&str) -> bool,
-) -> Option<common::Line> {
-    let deadline = Instant::now() + LINE_TIMEOUT;
-    loop {
-        let found = server.find(pid, &predicate);
-        if found.is_some() || Instant::now() >= deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(5));
+/// The `serving` line of `pid`: already received, or the next one to come
+/// (waiting on the log, up to [`LINE_TIMEOUT`]).
+fn serving_line(server: &mut Server, pid: u32) -> common::Line {
+    if let Some(line) = server.find(pid, |m| m == "serving") {
+        return line;
     }
+    server.wait_until(
+        &format!("the `serving` line of pid {pid}"),
+        |l| l.pid() == Some(pid) && l.message() == "serving",
+        LINE_TIMEOUT,
+    )
 }
 
 /// `gen=G pid=P seq=N` -> (N, G).
@@ -230,9 +226,7 @@ fn udp_echo_through_upgrades(backend: &str) {
         // The old generation may log `upgrade done` before the new one
         // logs `serving`, and the reader thread forwards lines a little
         // later: wait for it (bounded) rather than look once.
-        let Some(serving) = find_soon(&mut server, new, |m| m == "serving") else {
-            server.fail(format_args!("pid {new} wrote no `serving` line"))
-        };
+        let serving = serving_line(&mut server, new);
         let Some(done) = server.find(old, |m| m.starts_with("upgrade done")) else {
             server.fail(format_args!("pid {old} wrote no `upgrade done` line"))
         };

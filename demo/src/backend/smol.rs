@@ -21,6 +21,9 @@ use crate::events::{self, Events};
 use crate::http::{self, Action, RequestReader, ServerInfo};
 use crate::Failed;
 
+/// How long accepting pauses after a resource-exhaustion error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 const BACKEND: &str = "smol";
 
 /// Serve until upgraded or stopped, then drain. Errors are logged.
@@ -436,15 +439,7 @@ async fn control_loop(
             Ok(Stream::Tcp(_)) => {}
             Err(e) if is_resource_exhaustion(&e) => {
                 events.emit(format_args!("warning: control accept: {e}; backing off"));
-                let stopped = async {
-                    stop.stopped().await;
-                    true
-                };
-                let backed_off = async {
-                    Timer::after(Duration::from_millis(100)).await;
-                    false
-                };
-                if future::or(stopped, backed_off).await {
+                if back_off(&stop).await {
                     break;
                 }
             }
@@ -571,15 +566,7 @@ async fn accept_loop(
             Err(e) if is_resource_exhaustion(&e) => {
                 // EMFILE and friends: accepting again at once would spin.
                 events.emit(format_args!("warning: accept: {e}; backing off"));
-                let stopped = async {
-                    stop.stopped().await;
-                    true
-                };
-                let backed_off = async {
-                    Timer::after(Duration::from_millis(100)).await;
-                    false
-                };
-                if future::or(stopped, backed_off).await {
+                if back_off(&stop).await {
                     break;
                 }
             }
@@ -594,6 +581,12 @@ fn is_resource_exhaustion(e: &std::io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Pause accepting after EMFILE and friends (accepting again at once would
+/// spin); true if the server stopped meanwhile.
+async fn back_off(stop: &baton_smol::StopToken) -> bool {
+    timeout(ACCEPT_BACKOFF, stop.stopped()).await.is_some()
 }
 
 /// `work`, or `None` once `duration` has passed.

@@ -17,6 +17,9 @@ use crate::events::{self, Events};
 use crate::http::{self, Action, RequestReader, ServerInfo};
 use crate::Failed;
 
+/// How long accepting pauses after a resource-exhaustion error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 const BACKEND: &str = "tokio";
 
 /// Serve until upgraded or stopped, then drain. Errors are logged.
@@ -330,9 +333,8 @@ async fn control_loop(
             Ok(Stream::Tcp(_)) => {}
             Err(e) if is_resource_exhaustion(&e) => {
                 events.emit(format_args!("warning: control accept: {e}; backing off"));
-                tokio::select! {
-                    _ = stop.stopped() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                if back_off(&stop).await {
+                    break;
                 }
             }
             Err(_) => {}
@@ -468,15 +470,22 @@ async fn accept_loop(
             Err(e) if is_resource_exhaustion(&e) => {
                 // EMFILE and friends: accepting again at once would spin.
                 events.emit(format_args!("warning: accept: {e}; backing off"));
-                tokio::select! {
-                    _ = stop.stopped() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                if back_off(&stop).await {
+                    break;
                 }
             }
             // A connection reset before we accepted it concerns that client only.
             Err(_) => {}
         }
     }
+}
+
+/// Pause accepting after EMFILE and friends (accepting again at once would
+/// spin); true if the server stopped meanwhile.
+async fn back_off(stop: &baton_tokio::StopToken) -> bool {
+    tokio::time::timeout(ACCEPT_BACKOFF, stop.stopped())
+        .await
+        .is_ok()
 }
 
 fn is_resource_exhaustion(e: &std::io::Error) -> bool {
