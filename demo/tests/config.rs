@@ -11,6 +11,7 @@
 //!
 //! Every wait is on a log line, a response or a pid; loopback, port 0.
 
+#[macro_use]
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
@@ -19,37 +20,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use baton_demo::load::{Load, LoadConfig};
-use common::{get, Server, TempDir, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT};
+use common::{get, Server, TempDir, BACKENDS, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT};
 use nix::sys::signal::Signal;
 
-/// One module per compiled backend, as in conformance.rs, so a failure
-/// names its backend (`smol::reload_switches_listeners_and_backend`).
-macro_rules! backends {
-    ($($backend:ident => $feature:literal,)*) => {
-        /// The backends compiled into the demo, by Cargo feature.
-        const BACKENDS: &[&str] = &[$(
-            #[cfg(feature = $feature)]
-            $feature,
-        )*];
-
-        $(
-            #[cfg(feature = $feature)]
-            mod $backend {
-                const BACKEND: &str = $feature;
-
-                #[test]
-                fn reload_switches_listeners_and_backend() {
-                    super::reload_switches_listeners_and_backend(BACKEND);
-                }
-            }
-        )*
-    };
-}
-
-backends! {
-    tokio => "tokio",
-    smol => "smol",
-    mio => "mio",
+per_backend! {
+    fn reload_switches_listeners_and_backend;
 }
 
 /// The backend the reload switches to: the next compiled one (itself if it

@@ -17,6 +17,7 @@
 //! Every wait is on a log line, a response or a pid, bounded in time; the
 //! servers listen on `127.0.0.1:0`, so the tests run in parallel.
 
+#[macro_use]
 mod common;
 
 use std::path::Path;
@@ -26,70 +27,18 @@ use std::time::{Duration, Instant};
 use baton_demo::load::{Load, LoadConfig};
 use common::{
     deploy_bytes, deploy_copy, fd_count, fd_links, get, inherited_from_tests, proc_state, request,
-    zombie_children, Conn, Server, TempDir, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT,
+    zombie_children, Conn, Server, TempDir, BACKENDS, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT,
 };
 use nix::sys::signal::Signal;
 
-/// Generates one module of tests per backend, each `#[test]` calling the
-/// suite's function of the same name with the backend's name, so a failure
-/// names its backend (`tokio::restart_storm`). Adding a backend is one line
-/// in the invocation below.
-macro_rules! backends {
-    ($($backend:ident => $feature:literal,)*) => {
-        /// The backends compiled into the demo, by Cargo feature.
-        const BACKENDS: &[&str] = &[$(
-            #[cfg(feature = $feature)]
-            $feature,
-        )*];
-
-        $(
-            #[cfg(feature = $feature)]
-            mod $backend {
-                const BACKEND: &str = $feature;
-
-                #[test]
-                fn restart_storm() {
-                    super::restart_storm(BACKEND);
-                }
-
-                #[test]
-                fn in_flight_request_survives_upgrade() {
-                    super::in_flight_request_survives_upgrade(BACKEND);
-                }
-
-                #[test]
-                fn failed_upgrade_keeps_serving() {
-                    super::failed_upgrade_keeps_serving(BACKEND);
-                }
-
-                #[test]
-                fn graceful_sigterm() {
-                    super::graceful_sigterm(BACKEND);
-                }
-
-                #[test]
-                fn bad_protocol_input() {
-                    super::bad_protocol_input(BACKEND);
-                }
-
-                #[test]
-                fn bad_http_input() {
-                    super::bad_http_input(BACKEND);
-                }
-
-                #[test]
-                fn second_sighup_during_upgrade_is_refused() {
-                    super::second_sighup_during_upgrade_is_refused(BACKEND);
-                }
-            }
-        )*
-    };
-}
-
-backends! {
-    tokio => "tokio",
-    smol => "smol",
-    mio => "mio",
+per_backend! {
+    fn restart_storm;
+    fn in_flight_request_survives_upgrade;
+    fn failed_upgrade_keeps_serving;
+    fn graceful_sigterm;
+    fn bad_protocol_input;
+    fn bad_http_input;
+    fn second_sighup_during_upgrade_is_refused;
 }
 
 /// Upgrades in the storm.

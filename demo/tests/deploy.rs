@@ -19,6 +19,7 @@
 //! "Runs the new file" is checked by inode: `/proc/PID/exe` of the new
 //! generation is the file now at the path.
 
+#[macro_use]
 mod common;
 
 use std::os::unix::fs::MetadataExt;
@@ -28,47 +29,12 @@ use std::process::Command;
 use common::{deploy_copy, Server, TempDir, BINARY, LINE_TIMEOUT};
 use nix::sys::signal::Signal;
 
-/// One module of tests per compiled backend (see conformance.rs).
-macro_rules! backends {
-    ($($backend:ident => $feature:literal,)*) => {
-        $(
-            #[cfg(feature = $feature)]
-            mod $backend {
-                const BACKEND: &str = $feature;
-
-                #[test]
-                fn replaced_by_rename() {
-                    super::replaced_by_rename(BACKEND);
-                }
-
-                #[test]
-                fn replaced_by_copy() {
-                    super::replaced_by_copy(BACKEND);
-                }
-
-                #[test]
-                fn symlink_switched_to_new_release() {
-                    super::symlink_switched_to_new_release(BACKEND);
-                }
-
-                #[test]
-                fn relative_path_from_another_directory() {
-                    super::relative_path_from_another_directory(BACKEND);
-                }
-
-                #[test]
-                fn next_binary_overrides() {
-                    super::next_binary_overrides(BACKEND);
-                }
-            }
-        )*
-    };
-}
-
-backends! {
-    tokio => "tokio",
-    smol => "smol",
-    mio => "mio",
+per_backend! {
+    fn replaced_by_rename;
+    fn replaced_by_copy;
+    fn symlink_switched_to_new_release;
+    fn relative_path_from_another_directory;
+    fn next_binary_overrides;
 }
 
 /// The inode of the file `pid` executes (followed even if deleted).

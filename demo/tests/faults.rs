@@ -27,6 +27,7 @@
 //!
 //! Every wait is on a log line, a response or a pid, bounded in time.
 
+#[macro_use]
 mod common;
 
 use std::net::TcpStream;
@@ -42,80 +43,21 @@ use common::{
 };
 use nix::sys::signal::Signal;
 
-/// One module of tests per backend, as in `conformance.rs`.
-macro_rules! backends {
-    ($($backend:ident => $feature:literal,)*) => {
-        $(
-            #[cfg(feature = $feature)]
-            mod $backend {
-                const BACKEND: &str = $feature;
-
-                #[test]
-                fn successor_dies_after_ready() {
-                    super::successor_dies_after_ready(BACKEND);
-                }
-
-                #[test]
-                fn old_exits_after_the_watch_window() {
-                    super::old_exits_after_the_watch_window(BACKEND);
-                }
-
-                #[test]
-                fn binary_faults() {
-                    super::binary_faults(BACKEND);
-                }
-
-                #[test]
-                fn init_error_reaches_the_old_process() {
-                    super::init_error_reaches_the_old_process(BACKEND);
-                }
-
-                #[test]
-                fn sighup_flood() {
-                    super::sighup_flood(BACKEND);
-                }
-
-                #[test]
-                fn sigterm_during_upgrade() {
-                    super::sigterm_during_upgrade(BACKEND);
-                }
-
-                #[test]
-                fn sigkill_old_during_drain() {
-                    super::sigkill_old_during_drain(BACKEND);
-                }
-
-                #[test]
-                fn fd_exhaustion() {
-                    super::fd_exhaustion(BACKEND);
-                }
-
-                #[test]
-                fn fd_hygiene() {
-                    super::fd_hygiene(BACKEND);
-                }
-
-                #[test]
-                fn soak_small() {
-                    super::soak(BACKEND, super::SOAK_SMALL);
-                }
-
-                /// `BATON_SOAK_UPGRADES=1000 cargo test --release -p baton-demo
-                /// --all-features --test faults -- --ignored soak_long`
-                #[test]
-                #[ignore = "long: run explicitly, in release mode"]
-                fn soak_long() {
-                    super::soak(BACKEND, super::soak_count());
-                }
-            }
-        )*
-    };
-}
-
-backends! {
-    tokio => "tokio",
-    smol => "smol",
-    mio => "mio",
+per_backend! {
+    fn successor_dies_after_ready;
+    fn old_exits_after_the_watch_window;
+    fn binary_faults;
+    fn init_error_reaches_the_old_process;
+    fn sighup_flood;
+    fn sigterm_during_upgrade;
+    fn sigkill_old_during_drain;
+    fn fd_exhaustion;
+    fn fd_hygiene;
+    fn soak_small;
+    /// `BATON_SOAK_UPGRADES=1000 cargo test --release -p baton-demo
+    /// --all-features --test faults -- --ignored soak_long`
+    #[ignore = "long: run explicitly, in release mode"]
+    fn soak_long;
 }
 
 /// Upgrades of the soak that runs with every test run.
@@ -1008,4 +950,14 @@ fn soak(backend: &str, upgrades: u64) {
         rss[rss.len() - 1],
         rss.iter().max().unwrap_or(&0),
     );
+}
+
+/// The soak every test run does.
+fn soak_small(backend: &str) {
+    soak(backend, SOAK_SMALL);
+}
+
+/// The long soak, run explicitly (see its test).
+fn soak_long(backend: &str) {
+    soak(backend, soak_count());
 }

@@ -9,6 +9,7 @@
 //! Every wait is on a response, an EOF or a log line, bounded in time; the
 //! servers listen on `127.0.0.1:0`, so the tests run in parallel.
 
+#[macro_use]
 mod common;
 
 use std::io::{self, ErrorKind, Read, Write};
@@ -18,59 +19,14 @@ use std::time::{Duration, Instant};
 
 use common::{get, request, Conn, Server, REQUEST_TIMEOUT};
 
-/// Generates one module of tests per backend, each `#[test]` calling the
-/// function of the same name with the backend's name, so a failure names its
-/// backend (`mio::slowloris`).
-macro_rules! backends {
-    ($($backend:ident => $feature:literal,)*) => {
-        $(
-            #[cfg(feature = $feature)]
-            mod $backend {
-                const BACKEND: &str = $feature;
-
-                #[test]
-                fn slowloris() {
-                    super::slowloris(BACKEND);
-                }
-
-                #[test]
-                fn slowloris_trickle() {
-                    super::slowloris_trickle(BACKEND);
-                }
-
-                #[test]
-                fn bad_content_length() {
-                    super::bad_content_length(BACKEND);
-                }
-
-                #[test]
-                fn chunked_bodies() {
-                    super::chunked_bodies(BACKEND);
-                }
-
-                #[test]
-                fn pipelining() {
-                    super::pipelining(BACKEND);
-                }
-
-                #[test]
-                fn client_that_never_reads() {
-                    super::client_that_never_reads(BACKEND);
-                }
-
-                #[test]
-                fn max_connections_is_backpressure() {
-                    super::max_connections_is_backpressure(BACKEND);
-                }
-            }
-        )*
-    };
-}
-
-backends! {
-    tokio => "tokio",
-    smol => "smol",
-    mio => "mio",
+per_backend! {
+    fn slowloris;
+    fn slowloris_trickle;
+    fn bad_content_length;
+    fn chunked_bodies;
+    fn pipelining;
+    fn client_that_never_reads;
+    fn max_connections_is_backpressure;
 }
 
 /// A fresh `GET /` on a new connection answers 200, from the server's pid.

@@ -20,6 +20,7 @@
 //! Every wait is on a log line, a datagram, a command's exit or a pid,
 //! bounded in time; servers listen on loopback.
 
+#[macro_use]
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -35,63 +36,15 @@ use common::{
 };
 use nix::sys::signal::Signal;
 
-/// One module of tests per backend, as in the conformance suite, so a
-/// failure names its backend (`smol::sd_notify_sequence`).
-macro_rules! backends {
-    ($($backend:ident => $feature:literal,)*) => {
-        $(
-            #[cfg(feature = $feature)]
-            mod $backend {
-                const BACKEND: &str = $feature;
-
-                #[test]
-                fn socket_activated_upgrades_under_load() {
-                    super::socket_activated_upgrades_under_load(BACKEND);
-                }
-
-                #[test]
-                fn sd_notify_sequence() {
-                    super::sd_notify_sequence(BACKEND);
-                }
-
-                #[test]
-                fn pid_file_follows_the_serving_process() {
-                    super::pid_file_follows_the_serving_process(BACKEND);
-                }
-
-                #[test]
-                fn upgrade_command_reports_outcomes() {
-                    super::upgrade_command_reports_outcomes(BACKEND);
-                }
-
-                #[test]
-                fn upgrade_command_timeout() {
-                    super::upgrade_command_timeout(BACKEND);
-                }
-
-                #[test]
-                fn upgrade_command_already_running() {
-                    super::upgrade_command_already_running(BACKEND);
-                }
-
-                #[test]
-                fn control_refuses_another_uid() {
-                    super::control_refuses_another_uid(BACKEND);
-                }
-
-                #[test]
-                fn upgrade_refused_in_pid_1() {
-                    super::upgrade_refused_in_pid_1(BACKEND);
-                }
-            }
-        )*
-    };
-}
-
-backends! {
-    tokio => "tokio",
-    smol => "smol",
-    mio => "mio",
+per_backend! {
+    fn socket_activated_upgrades_under_load;
+    fn sd_notify_sequence;
+    fn pid_file_follows_the_serving_process;
+    fn upgrade_command_reports_outcomes;
+    fn upgrade_command_timeout;
+    fn upgrade_command_already_running;
+    fn control_refuses_another_uid;
+    fn upgrade_refused_in_pid_1;
 }
 
 /// A deployment: a copy of the demo binary in its own temp dir, which a test

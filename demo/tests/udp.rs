@@ -11,6 +11,7 @@
 //! (a loss there could only be the socket's receive buffer overflowing
 //! while no process was scheduled to read), and their count is printed.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -23,25 +24,8 @@ use std::time::{Duration, Instant};
 use common::{Server, BINARY, LINE_TIMEOUT};
 use nix::sys::signal::Signal;
 
-/// One module of tests per backend.
-macro_rules! backends {
-    ($($backend:ident => $feature:literal,)*) => {
-        $(
-            #[cfg(feature = $feature)]
-            mod $backend {
-                #[test]
-                fn udp_echo_through_upgrades() {
-                    super::udp_echo_through_upgrades($feature);
-                }
-            }
-        )*
-    };
-}
-
-backends! {
-    tokio => "tokio",
-    smol => "smol",
-    mio => "mio",
+per_backend! {
+    fn udp_echo_through_upgrades;
 }
 
 const UPGRADES: usize = 5;

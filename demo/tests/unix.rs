@@ -9,6 +9,7 @@
 //! new file). A missing file during the storm would show as refused
 //! requests in the load report.
 
+#[macro_use]
 mod common;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -21,25 +22,8 @@ use baton_demo::load::{Load, LoadConfig};
 use common::{Server, TempDir, BINARY, LINE_TIMEOUT};
 use nix::sys::signal::Signal;
 
-/// One module of tests per compiled backend (see conformance.rs).
-macro_rules! backends {
-    ($($backend:ident => $feature:literal,)*) => {
-        $(
-            #[cfg(feature = $feature)]
-            mod $backend {
-                #[test]
-                fn unix_socket_storm() {
-                    super::unix_socket_storm($feature);
-                }
-            }
-        )*
-    };
-}
-
-backends! {
-    tokio => "tokio",
-    smol => "smol",
-    mio => "mio",
+per_backend! {
+    fn unix_socket_storm;
 }
 
 const UPGRADES: u64 = 10;

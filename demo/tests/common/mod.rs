@@ -41,6 +41,38 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
+/// The backends compiled into the demo, by Cargo feature.
+pub(crate) const BACKENDS: &[&str] = &[
+    #[cfg(feature = "tokio")]
+    "tokio",
+    #[cfg(feature = "smol")]
+    "smol",
+    #[cfg(feature = "mio")]
+    "mio",
+];
+
+/// One module of tests per compiled backend, each `#[test]` calling the
+/// suite's function of the same name with the backend's name, so a failure
+/// names its backend (`tokio::restart_storm`). Attributes written before a
+/// `fn` (`#[ignore]`, docs) are kept.
+#[allow(unused_macros)] // not every test crate has per-backend tests
+macro_rules! per_backend {
+    ($($(#[$attr:meta])* fn $test:ident;)*) => {
+        #[cfg(feature = "tokio")]
+        mod tokio {
+            $( $(#[$attr])* #[test] fn $test() { super::$test("tokio"); } )*
+        }
+        #[cfg(feature = "smol")]
+        mod smol {
+            $( $(#[$attr])* #[test] fn $test() { super::$test("smol"); } )*
+        }
+        #[cfg(feature = "mio")]
+        mod mio {
+            $( $(#[$attr])* #[test] fn $test() { super::$test("mio"); } )*
+        }
+    };
+}
+
 /// The demo binary cargo built for these tests.
 pub(crate) const BINARY: &str = env!("CARGO_BIN_EXE_baton-demo");
 
