@@ -130,3 +130,12 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+impl baton_core::runtime::Accept for Listener {
+    type Stream = Stream;
+
+    fn accept(&self) -> impl std::future::Future<Output = io::Result<Stream>> + Send {
+        // The inherent method: sets TCP_NODELAY on TCP streams.
+        Listener::accept(self)
+    }
+}

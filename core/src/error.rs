@@ -54,6 +54,9 @@ pub enum Error {
     /// Watching the next generation failed.
     #[error("cannot watch the new generation: {0}")]
     Watch(#[source] io::Error),
+    /// The signal handlers could not be installed.
+    #[error("cannot handle signals: {0}")]
+    Signals(#[source] io::Error),
     /// The path of the running binary could not be found.
     #[error("cannot find the path of the running binary: {0}")]
     Program(#[source] io::Error),

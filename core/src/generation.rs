@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::lifecycle::Timeouts;
 use crate::listeners::{ListenAddr, ListenSocket, ListenerHandoff, Listeners, Origin};
 use crate::notify::{self, Notifier};
 use crate::pidfile::PidFile;
 use crate::protocol;
-use crate::stop::{StopReason, StopSignal, StopToken};
+use crate::stop::{StopReason, StopToken};
 use crate::sys::{self, ExitStatus};
 use crate::tracker::Tracker;
 use crate::upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader, ERROR_PREFIX, READY};
@@ -62,6 +63,11 @@ impl AsFd for SuccessorWatch {
     }
 }
 
+/// Written on the readiness fd after [`READY`], when this generation hands
+/// over to its own successor: the previous generation, if it still watches
+/// this one, must not serve again when this one exits.
+pub(crate) const HANDED_OVER: u8 = b'H';
+
 /// Set once the inherited fds have owners, so a second `from_env` cannot
 /// adopt (and later close) them twice.
 static ADOPTED: AtomicBool = AtomicBool::new(false);
@@ -81,6 +87,20 @@ pub struct Config {
     /// A PID file naming the serving process: written when a generation is
     /// ready, removed at a graceful stop. Default: none.
     pub pid_file: Option<PathBuf>,
+    /// The drain deadline, the successor watch and the force grace.
+    pub timeouts: Timeouts,
+    /// A control socket (a Unix socket, mode 0600, handed to every next
+    /// generation) for `batonctl upgrade|status|stop`. Default: none.
+    pub control: Option<PathBuf>,
+    /// Most connections open at once: at the limit, accepting pauses and
+    /// new clients wait in the kernel's listen queue. Default 10 000.
+    pub max_connections: usize,
+    /// How long an idle keep-alive connection may still send one last
+    /// request after the stop (closing it at once races with a client that
+    /// is just sending). Default 2 s.
+    pub idle_grace: Duration,
+    /// Act on `SIGHUP` (upgrade), `SIGTERM` and `SIGINT` (stop). Default true.
+    pub handle_signals: bool,
 }
 
 impl Default for Config {
@@ -90,6 +110,11 @@ impl Default for Config {
             program: None,
             args: None,
             pid_file: None,
+            timeouts: Timeouts::default(),
+            control: None,
+            max_connections: 10_000,
+            idle_grace: Duration::from_secs(2),
+            handle_signals: true,
         }
     }
 }
@@ -116,6 +141,42 @@ impl Config {
     /// Keep a PID file at `path`.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
+        self
+    }
+
+    /// Set the drain deadline.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.timeouts.drain = timeout;
+        self
+    }
+
+    /// Watch the successor for at least `watch` after a handover.
+    pub fn successor_watch(mut self, watch: Duration) -> Self {
+        self.timeouts.successor_watch = watch;
+        self
+    }
+
+    /// Open a control socket at `path`.
+    pub fn control(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control = Some(path.into());
+        self
+    }
+
+    /// Set the most connections open at once (at least 1).
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// Set the idle grace of the drain.
+    pub fn idle_grace(mut self, grace: Duration) -> Self {
+        self.idle_grace = grace;
+        self
+    }
+
+    /// Act on signals (the default), or leave them to the application.
+    pub fn handle_signals(mut self, handle: bool) -> Self {
+        self.handle_signals = handle;
         self
     }
 }
@@ -224,6 +285,30 @@ impl Generation {
         addr: &ListenAddr,
     ) -> Result<(L, Origin), Error> {
         let (socket, origin) = self.listeners.listen(name, addr)?;
+        log_listening(&socket, name, addr, origin);
+        Ok((handoff(socket, name, &addr.to_string())?, origin))
+    }
+
+    /// Like [`listen`](Self::listen), for a socket only this user may
+    /// reach: a Unix socket is created with mode 0600 (the control socket).
+    pub fn listen_private<L: ListenerHandoff>(
+        &self,
+        name: &str,
+        addr: &ListenAddr,
+    ) -> Result<(L, Origin), Error> {
+        let (socket, origin) = self.listeners.listen(name, addr)?;
+        if let (ListenAddr::Unix(path), Origin::Bound) = (addr, origin) {
+            // TODO(lead): bind with the final mode (listeners.rs, issue 12 item 14).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| Error::Listen {
+                    name: name.to_owned(),
+                    addr: addr.to_string(),
+                    source,
+                },
+            )?;
+        }
+        log_listening(&socket, name, addr, origin);
         Ok((handoff(socket, name, &addr.to_string())?, origin))
     }
 
@@ -260,7 +345,9 @@ impl Generation {
             let predecessor = self.has_parent.then(std::os::unix::process::parent_id);
             *lock(&self.pid_file) = Some(PidFile::claim(path, predecessor)?);
         }
-        self.report(&[READY])?;
+        // The fd stays open: a later hand-over of this generation to its own
+        // successor is reported on it too (see `upgraded`).
+        self.report(&[READY], true)?;
         // Started by a baton parent, the parent tells systemd (MAINPID=).
         if !self.has_parent {
             self.notify("READY=1\nSTATUS=serving");
@@ -272,15 +359,20 @@ impl Generation {
     /// logs it and serves on. Call it, then exit.
     pub fn report_error(&self, message: &str) -> Result<(), Error> {
         let line = format!("{ERROR_PREFIX}{}\n", message.replace('\n', " "));
-        self.report(line.as_bytes())
+        self.report(line.as_bytes(), false)
     }
 
-    fn report(&self, bytes: &[u8]) -> Result<(), Error> {
-        let fd = lock(&self.ready).take();
-        match fd {
-            Some(fd) => sys::write_all(fd.as_fd(), bytes).map_err(Error::Report),
-            None => Ok(()),
+    /// Write `bytes` to the parent; close the fd unless `keep`.
+    fn report(&self, bytes: &[u8], keep: bool) -> Result<(), Error> {
+        let mut slot = lock(&self.ready);
+        let Some(fd) = slot.as_ref() else {
+            return Ok(());
+        };
+        let written = sys::write_all(fd.as_fd(), bytes).map_err(Error::Report);
+        if !keep || written.is_err() {
+            *slot = None;
         }
+        written
     }
 
     /// Start the next generation with this generation's listeners. Refused
@@ -315,6 +407,11 @@ impl Generation {
             upgraded.time_to_ready.as_millis()
         ));
         *lock(&self.successor) = Some(upgraded.pid);
+        // Tell our own parent, if it still watches us, that a newer
+        // generation serves now: our death must not make it serve again.
+        if let Err(e) = self.report(&[HANDED_OVER], false) {
+            log::debug!("cannot tell the previous generation about the hand-over: {e}");
+        }
         self.stop.stop_with(StopReason::Upgraded);
     }
 
@@ -391,6 +488,24 @@ impl Generation {
     pub fn tracker(&self) -> &Tracker {
         &self.tracker
     }
+}
+
+/// `listening on ADDR (NAME, inherited|bound)`: which socket became which
+/// listener, for the operator.
+fn log_listening(socket: &ListenSocket, name: &str, addr: &ListenAddr, origin: Origin) {
+    let local = match socket {
+        ListenSocket::Tcp(listener) => listener.local_addr().map(|a| a.to_string()),
+        ListenSocket::Unix(listener) => listener.local_addr().map(|a| {
+            let path = a.as_pathname().map(|p| p.display().to_string());
+            format!("unix:{}", path.unwrap_or_default())
+        }),
+    };
+    let origin = match origin {
+        Origin::Inherited => "inherited",
+        Origin::Bound => "bound",
+    };
+    let local = local.unwrap_or_else(|_| addr.to_string());
+    log::info!("listening on {local} ({name}, {origin})");
 }
 
 /// Turn `socket` into the runtime's listener type, naming it in the error.

@@ -42,14 +42,19 @@
 //! # }
 //! ```
 
+pub mod lifecycle;
 pub mod notify;
 pub mod pidfile;
 pub mod protocol;
+pub mod runtime;
+pub mod server;
 pub mod upgrade;
 
 mod error;
 mod generation;
 mod listeners;
+pub mod logger;
+mod signals;
 mod stop;
 mod sys;
 mod tracker;
@@ -70,7 +75,7 @@ pub fn peer_uid(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
 }
 pub use generation::{current_program, Config, Generation, Successor, SuccessorWatch};
 pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
-pub use stop::{StopReason, StopSignal, StopToken};
+pub use stop::{StopReason, StopToken};
 pub use sys::ExitStatus;
-pub use tracker::{Connection, ConnectionState, DrainReport, Tracker};
+pub use tracker::{Connection, DrainReport, Tracker};
 pub use upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader};

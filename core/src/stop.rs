@@ -6,17 +6,6 @@ use std::sync::{Arc, Mutex};
 
 use event_listener::Event;
 
-/// The stop-signalling trait every backend's token implements: a successful
-/// upgrade, SIGTERM/SIGINT or the application calls [`stop`](Self::stop);
-/// the accept loops and connections check [`is_stopped`](Self::is_stopped)
-/// and wait for it in their runtime's own way (a future, a mio `Waker`).
-pub trait StopSignal: Clone + Send + Sync + 'static {
-    /// Ask everything holding a clone of this token to stop. Idempotent.
-    fn stop(&self);
-    /// True once [`stop`](Self::stop) was called.
-    fn is_stopped(&self) -> bool;
-}
-
 /// Why a process stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -56,6 +45,17 @@ impl StopToken {
     /// A token that has not stopped.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Ask everything holding a clone of this token to stop
+    /// ([`StopReason::Shutdown`]). Idempotent.
+    pub fn stop(&self) {
+        self.stop_with(StopReason::Shutdown);
+    }
+
+    /// True once stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::Acquire)
     }
 
     /// Stop with a reason; the first reason given is kept.
@@ -122,15 +122,6 @@ impl StopToken {
     }
 }
 
-impl StopSignal for StopToken {
-    fn stop(&self) {
-        self.stop_with(StopReason::Shutdown);
-    }
-
-    fn is_stopped(&self) -> bool {
-        self.inner.stopped.load(Ordering::Acquire)
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -13,19 +13,7 @@ use std::sync::Arc;
 
 use event_listener::Event;
 
-use crate::stop::{StopSignal, StopToken};
-
-/// The connection-tracking trait: what a connection tells the drain. The
-/// core's [`Connection`] guard implements it; a backend with its own
-/// connection type (the mio state machines) may forward to one.
-pub trait ConnectionState {
-    /// A request has started: the drain must let it finish.
-    fn set_busy(&mut self);
-    /// The last request was answered: the drain may close the connection.
-    fn set_idle(&mut self);
-    /// True while a request is in progress.
-    fn is_busy(&self) -> bool;
-}
+use crate::stop::StopToken;
 
 /// How the connections open at stop ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -213,15 +201,17 @@ pub struct Connection {
     served_after_stop: bool,
 }
 
-impl ConnectionState for Connection {
-    fn set_busy(&mut self) {
+impl Connection {
+    /// A request has started: the drain must let it finish.
+    pub fn set_busy(&mut self) {
         if !self.busy {
             self.busy = true;
             self.tracker.inner.busy.fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    fn set_idle(&mut self) {
+    /// The last request was answered: the drain may close the connection.
+    pub fn set_idle(&mut self) {
         if self.busy {
             self.busy = false;
             self.tracker.inner.busy.fetch_sub(1, Ordering::SeqCst);
@@ -231,12 +221,11 @@ impl ConnectionState for Connection {
         }
     }
 
-    fn is_busy(&self) -> bool {
+    /// True while a request is in progress.
+    pub fn is_busy(&self) -> bool {
         self.busy
     }
-}
 
-impl Connection {
     /// True once the server is stopping: the connection should answer its
     /// current request with `Connection: close`, or close if idle.
     pub fn is_draining(&self) -> bool {
@@ -256,7 +245,9 @@ impl Drop for Connection {
             inner.busy.fetch_sub(1, Ordering::SeqCst);
         }
         if inner.stop.is_stopped() {
-            let counter = if self.busy {
+            // Closed by the server at the deadline counts as forced, busy or
+            // idle (a long-lived connection that never sends is cut too).
+            let counter = if self.busy || inner.force.load(Ordering::SeqCst) {
                 &inner.forced
             } else if self.served_after_stop {
                 &inner.finished
@@ -320,6 +311,24 @@ mod tests {
             tracker.report().to_string(),
             "1 finished / 1 closed idle / 1 forced"
         );
+    }
+
+    /// Issue 12 item 10: a connection idle through the whole drain (a
+    /// long-lived one that never sends) and cut at the deadline is forced,
+    /// not finished.
+    #[test]
+    fn idle_connections_cut_at_the_deadline_count_as_forced() {
+        let stop = StopToken::new();
+        let tracker = Tracker::new(stop.clone());
+        let silent = tracker.track();
+        let mut busy = tracker.track();
+        busy.set_busy();
+        stop.stop();
+        tracker.force_close();
+        drop(silent);
+        drop(busy);
+        let report = tracker.report();
+        assert_eq!((report.finished, report.closed_idle, report.forced), (0, 0, 2));
     }
 
     #[test]

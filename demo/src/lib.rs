@@ -38,6 +38,8 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
     // from the same version of it.
     let options = &config::apply(options).map_err(report)?;
     let backend = options.backend().map_err(report)?;
+    // One line per lifecycle event, from baton's libraries and the demo.
+    baton_core::logger::init("baton-demo", backend);
     match backend {
         #[cfg(feature = "tokio")]
         "tokio" => backend::tokio::run(options),

@@ -1,0 +1,595 @@
+//! The lifecycle of one generation, from "serving" to "exit", written once.
+//!
+//! [`Lifecycle`] is a state machine in the manner of quinn-proto: it does the
+//! syscalls that never block (fork/exec of the next generation, reading its
+//! report, reaping), but it never waits. A backend feeds it what its reactor
+//! saw — a signal, a control command, an fd that became readable, the time —
+//! and acts on the [`Event`]s it returns; [`Lifecycle::poll_timeout`] says
+//! when to call [`Lifecycle::handle_timeout`] at the latest. baton-mio drives
+//! it from the application's `mio::Poll`; baton-tokio and baton-smol through
+//! the one async driver in [`crate::server`].
+//!
+//! What it decides, so that no backend decides it differently:
+//!
+//! - an upgrade (SIGHUP, control `upgrade`, the API) starts only while
+//!   serving and while no other runs; a trigger during one is refused and
+//!   answered at once;
+//! - a stop (SIGTERM, SIGINT, control `stop`, the API) abandons a pending
+//!   upgrade (the new process is killed), stops accepting and drains; it is
+//!   sticky: a generation asked to stop never serves again;
+//! - a stop during the drain ends it at once: what is left is closed and
+//!   counted as forced (nginx's fast shutdown);
+//! - the drain has a deadline, then a short grace for forced connections;
+//! - after a handover, the successor is watched for at least the watch
+//!   window: if it dies (not a clean exit, and not after it handed over to
+//!   a newer generation), this generation serves again;
+//! - systemd hears `READY=1` again after every failed upgrade, and the PID
+//!   file names whoever serves.
+//!
+//! Every lifecycle line is logged at `info` (or `warn`) through `log`, in the
+//! words the demo prints: `upgrade started: new process P`, `upgrade done:
+//! pid P generation G ready after N ms`, `upgrade failed: …; still serving`,
+//! `draining N connections`, `drained: …`, `resumed: …`.
+
+use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use crate::generation::{Generation, Successor, SuccessorWatch};
+use crate::stop::StopReason;
+use crate::tracker::DrainReport;
+use crate::upgrade::{PendingUpgrade, UpgradeError, Upgraded};
+use crate::ExitStatus;
+
+/// How long connections get to close once the drain deadline forced them.
+pub const FORCE_GRACE: Duration = Duration::from_secs(1);
+
+/// How often unreaped children of failed upgrades are checked again.
+const REAP_RETRY: Duration = Duration::from_millis(50);
+
+/// The lifecycle's settings, beyond what [`crate::Config`] gives the
+/// generation.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Timeouts {
+    /// How long the drain may take before what is left is closed. Default 30 s.
+    pub drain: Duration,
+    /// How long, at least, the successor is watched after a handover.
+    /// Default 2 s.
+    pub successor_watch: Duration,
+    /// How long forced connections get to close. Default [`FORCE_GRACE`].
+    pub force_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            drain: Duration::from_secs(30),
+            successor_watch: Duration::from_secs(2),
+            force_grace: FORCE_GRACE,
+        }
+    }
+}
+
+/// Names the caller that waits for an answer (a control connection); the
+/// backend maps it to wherever the answer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplyTo(pub u64);
+
+/// What an operator or the application asks of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Request {
+    /// Start an upgrade; the answer comes with its outcome.
+    Upgrade,
+    /// Describe the server.
+    Status,
+    /// Stop gracefully; during a drain, end it at once.
+    Stop,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Answer {
+    /// The upgrade succeeded: this process serves no more.
+    Upgraded(Upgraded),
+    /// The upgrade failed or was refused; this process serves on (or is
+    /// stopping, which the reason says).
+    UpgradeFailed(String),
+    /// The state of the server.
+    Status(Status),
+    /// The stop was taken.
+    Stopping,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// This process.
+    pub pid: u32,
+    /// Its generation.
+    pub generation: u64,
+    /// Since it started.
+    pub uptime: Duration,
+    /// Connections open now.
+    pub open: usize,
+    /// Connections with a request in progress now.
+    pub busy: usize,
+    /// How the last upgrade that ran (or could not start) ended.
+    pub last_upgrade: Option<Result<Upgraded, String>>,
+}
+
+/// What the backend must do.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// Deliver `answer` to `reply`.
+    Answer {
+        /// Who waits.
+        reply: ReplyTo,
+        /// What to tell it.
+        answer: Answer,
+    },
+    /// Stop accepting: end the accept loops and drop their listeners. The
+    /// stop token has stopped; connections drain.
+    StopAccepting(StopReason),
+    /// The drain deadline passed: close every connection now.
+    ForceClose,
+    /// The successor died while this generation drained: serve again,
+    /// accepting on listeners from [`Generation::reopen`].
+    Resume,
+    /// Every connection closed (or was forced) and the watch is over: exit.
+    Exit(DrainReport),
+}
+
+/// The fds the backend watches for readability on the lifecycle's behalf.
+/// Any of them readable: call [`Lifecycle::handle_readable`].
+#[derive(Debug, Default)]
+pub struct Watched<'a> {
+    /// Signal pipes (when the lifecycle handles signals).
+    pub signals: Vec<BorrowedFd<'a>>,
+    /// The pending upgrade's readiness fd and its exit fd.
+    pub upgrade: Vec<BorrowedFd<'a>>,
+    /// The successor's exit and hand-over fds, while it is watched.
+    pub successor: Vec<BorrowedFd<'a>>,
+}
+
+impl<'a> Watched<'a> {
+    /// Every fd, in one list.
+    pub fn all(&self) -> impl Iterator<Item = BorrowedFd<'a>> + '_ {
+        self.signals
+            .iter()
+            .chain(&self.upgrade)
+            .chain(&self.successor)
+            .copied()
+    }
+}
+
+/// One upgrade in flight and who waits for its outcome.
+#[derive(Debug)]
+struct Upgrade {
+    pending: PendingUpgrade,
+    replies: Vec<ReplyTo>,
+}
+
+/// The drain after a stop.
+#[derive(Debug)]
+struct Drain {
+    deadline: Instant,
+    /// Set once forced: when to give up on connections that did not close.
+    give_up: Option<Instant>,
+    successor: Option<SuccessorWatch>,
+    watch_until: Instant,
+}
+
+/// The state machine of one generation. See the [module docs](self).
+#[derive(Debug)]
+pub struct Lifecycle {
+    generation: Generation,
+    timeouts: Timeouts,
+    signals: Option<crate::signals::SignalPipes>,
+    upgrade: Option<Upgrade>,
+    drain: Option<Drain>,
+    /// An operator or the application asked this generation to stop: it
+    /// never serves again, whatever its successor does.
+    stop_requested: bool,
+    events: VecDeque<Event>,
+    started: Instant,
+    last_upgrade: Option<Result<Upgraded, String>>,
+    exited: bool,
+}
+
+impl Lifecycle {
+    /// The lifecycle of `generation`. Call [`ready`](Self::ready) once its
+    /// listeners accept.
+    pub fn new(generation: Generation, timeouts: Timeouts) -> Self {
+        Lifecycle {
+            generation,
+            timeouts,
+            signals: None,
+            upgrade: None,
+            drain: None,
+            stop_requested: false,
+            events: VecDeque::new(),
+            started: Instant::now(),
+            last_upgrade: None,
+            exited: false,
+        }
+    }
+
+    /// Act on `SIGHUP` (upgrade), `SIGTERM` and `SIGINT` (stop): their
+    /// handlers write to fds in [`watched`](Self::watched).
+    pub fn handle_signals(&mut self) -> std::io::Result<()> {
+        if self.signals.is_none() {
+            self.signals = Some(crate::signals::SignalPipes::install()?);
+        }
+        Ok(())
+    }
+
+    /// The generation: its listeners, stop token and tracker.
+    pub fn generation(&self) -> &Generation {
+        &self.generation
+    }
+
+    /// Tell the parent (and systemd) that this generation serves.
+    pub fn ready(&mut self) -> Result<(), crate::Error> {
+        self.generation.ready()?;
+        log::info!("serving");
+        Ok(())
+    }
+
+    /// True once this generation stopped (upgraded or asked to stop) and
+    /// has not resumed.
+    pub fn is_stopping(&self) -> bool {
+        self.drain.is_some() || self.generation.stop_token().is_stopped()
+    }
+
+    /// The fds to watch now; the set changes as upgrades start and end.
+    pub fn watched(&self) -> Watched<'_> {
+        let mut watched = Watched::default();
+        if let Some(signals) = &self.signals {
+            watched.signals.extend(signals.fds());
+        }
+        if let Some(upgrade) = &self.upgrade {
+            watched.upgrade.push(std::os::fd::AsFd::as_fd(&upgrade.pending));
+            watched.upgrade.extend(upgrade.pending.exit_fd());
+        }
+        if let Some(successor) = self.drain.as_ref().and_then(|d| d.successor.as_ref()) {
+            watched.successor.extend(successor.fds());
+        }
+        watched
+    }
+
+    /// A request from the application or a control connection; `reply`
+    /// gets its [`Answer`] as an [`Event::Answer`].
+    pub fn request(&mut self, request: Request, reply: Option<ReplyTo>, now: Instant) {
+        match request {
+            Request::Upgrade => self.start_upgrade(reply),
+            Request::Status => {
+                if let Some(reply) = reply {
+                    let tracker = self.generation.tracker();
+                    let status = Status {
+                        pid: std::process::id(),
+                        generation: self.generation.number(),
+                        uptime: now.saturating_duration_since(self.started),
+                        open: tracker.open(),
+                        busy: tracker.busy(),
+                        last_upgrade: self.last_upgrade.clone(),
+                    };
+                    self.answer(reply, Answer::Status(status));
+                }
+            }
+            Request::Stop => {
+                if let Some(reply) = reply {
+                    self.answer(reply, Answer::Stopping);
+                }
+                self.stop("stop requested", now);
+            }
+        }
+    }
+
+    /// Something in [`watched`](Self::watched) is readable (or may be):
+    /// read and act on everything, without blocking.
+    pub fn handle_readable(&mut self, now: Instant) {
+        if let Some(signals) = &mut self.signals {
+            let arrived = signals.take();
+            for _ in 0..arrived.upgrade.min(1) {
+                // Several SIGHUPs at once are one request, refused alike.
+                self.start_upgrade(None);
+            }
+            for _ in 0..arrived.stop.min(2) {
+                self.stop("signal received", now);
+            }
+        }
+        self.poll_upgrade();
+        self.check_successor(now);
+        self.handle_timeout(now);
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called at the
+    /// latest; `None` when nothing is timed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let upgrade = self.upgrade.as_ref().map(|u| {
+            let deadline = u.pending.deadline();
+            u.pending.retry_at().map_or(deadline, |at| at.min(deadline))
+        });
+        let drain = self.drain.as_ref().map(|d| {
+            let end = d.give_up.unwrap_or(d.deadline);
+            if self.generation.tracker().open() == 0 {
+                end.min(d.watch_until)
+            } else {
+                end
+            }
+        });
+        let reap = (self.generation.unreaped() > 0).then(|| Instant::now() + REAP_RETRY);
+        [upgrade, drain, reap].into_iter().flatten().min()
+    }
+
+    /// Time passed: the upgrade timeout, the drain deadline and its grace,
+    /// the end of the watch, reaping. Also call it when connections close
+    /// during the drain (the async driver waits on the tracker for that).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.generation.reap_children();
+        let timed_out = self
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| u.pending.deadline() <= now);
+        if timed_out {
+            if let Some(upgrade) = self.upgrade.take() {
+                let error = upgrade.pending.time_out();
+                self.settle(Err(error), upgrade.replies, now);
+            }
+        } else if self
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| u.pending.retry_at().is_some_and(|at| at <= now))
+        {
+            self.poll_upgrade();
+        }
+        self.advance_drain(now);
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// True once [`Event::Exit`] was returned: nothing more will happen.
+    pub fn is_done(&self) -> bool {
+        self.exited && self.events.is_empty()
+    }
+
+    fn answer(&mut self, reply: ReplyTo, answer: Answer) {
+        self.events.push_back(Event::Answer { reply, answer });
+    }
+
+    fn start_upgrade(&mut self, reply: Option<ReplyTo>) {
+        // While stopping, or while one runs, refuse at once: the
+        // generation's own checks say why.
+        let started = if self.stop_requested || self.drain.is_some() {
+            Err(UpgradeError::Stopping)
+        } else if let Some(upgrade) = &self.upgrade {
+            Err(UpgradeError::AlreadyRunning {
+                pid: upgrade.pending.pid(),
+            })
+        } else {
+            self.generation.start_upgrade()
+        };
+        match started {
+            Ok(pending) => {
+                log::info!("upgrade started: new process {}", pending.pid());
+                self.upgrade = Some(Upgrade {
+                    pending,
+                    replies: reply.into_iter().collect(),
+                });
+            }
+            Err(error) => {
+                log::info!("upgrade failed: {error}; still serving");
+                let reason = error.to_string();
+                // A refusal is not an upgrade that ran: status keeps the last one.
+                if !matches!(
+                    error,
+                    UpgradeError::AlreadyRunning { .. } | UpgradeError::Stopping
+                ) {
+                    self.generation.upgrade_failed(&error);
+                    self.last_upgrade = Some(Err(reason.clone()));
+                }
+                if let Some(reply) = reply {
+                    self.answer(reply, Answer::UpgradeFailed(reason));
+                }
+            }
+        }
+    }
+
+    fn poll_upgrade(&mut self) {
+        let Some(upgrade) = self.upgrade.as_mut() else {
+            return;
+        };
+        if let std::task::Poll::Ready(result) = upgrade.pending.poll() {
+            if let Some(upgrade) = self.upgrade.take() {
+                self.settle(result, upgrade.replies, Instant::now());
+            }
+        }
+    }
+
+    fn settle(
+        &mut self,
+        result: Result<Upgraded, UpgradeError>,
+        replies: Vec<ReplyTo>,
+        now: Instant,
+    ) {
+        let answer = match result {
+            Ok(upgraded) => {
+                log::info!("upgrade done: {upgraded}");
+                self.generation.upgraded(&upgraded);
+                self.last_upgrade = Some(Ok(upgraded));
+                Answer::Upgraded(upgraded)
+            }
+            Err(error) => {
+                if matches!(error, UpgradeError::Stopping) {
+                    log::info!("upgrade abandoned: the server is stopping");
+                } else {
+                    log::info!("upgrade failed: {error}; still serving");
+                    self.generation.upgrade_failed(&error);
+                }
+                let reason = error.to_string();
+                self.last_upgrade = Some(Err(reason.clone()));
+                Answer::UpgradeFailed(reason)
+            }
+        };
+        for reply in replies {
+            self.answer(reply, answer.clone());
+        }
+        if self.generation.stop_token().is_stopped() && self.drain.is_none() {
+            self.begin_drain(now);
+        }
+    }
+
+    /// A stop from an operator or the application.
+    fn stop(&mut self, why: &str, now: Instant) {
+        if self.drain.is_some() {
+            // Draining already (after a handover or a first stop): an
+            // operator's stop now means "finish now".
+            self.stop_requested = true;
+            self.force(now, "stop received while draining: closing what is left");
+            return;
+        }
+        self.stop_requested = true;
+        log::info!("stopping: {why}");
+        if let Some(upgrade) = self.upgrade.take() {
+            // Dropping it kills the new process (reaped without blocking).
+            drop(upgrade.pending);
+            log::info!("upgrade abandoned: the server is stopping");
+            let answer = Answer::UpgradeFailed(UpgradeError::Stopping.to_string());
+            for reply in upgrade.replies {
+                self.answer(reply, answer.clone());
+            }
+        }
+        self.generation.stop_token().stop();
+        self.begin_drain(now);
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
+        let reason = self
+            .generation
+            .stop_token()
+            .reason()
+            .unwrap_or(StopReason::Shutdown);
+        let successor = if reason == StopReason::Upgraded && !self.stop_requested {
+            match self.generation.watch_successor() {
+                Ok(watch) => watch,
+                Err(e) => {
+                    log::warn!("{e}; draining without watching the new generation");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let watch_until = if successor.is_some() {
+            now.checked_add(self.timeouts.successor_watch)
+                .unwrap_or(now)
+        } else {
+            now
+        };
+        log::info!(
+            "draining {} connections",
+            self.generation.tracker().open()
+        );
+        self.drain = Some(Drain {
+            deadline: now.checked_add(self.timeouts.drain).unwrap_or(now),
+            give_up: None,
+            successor,
+            watch_until,
+        });
+        self.events.push_back(Event::StopAccepting(reason));
+        self.advance_drain(now);
+    }
+
+    fn force(&mut self, now: Instant, why: &str) {
+        let Some(drain) = self.drain.as_mut() else {
+            return;
+        };
+        if drain.give_up.is_some() {
+            return;
+        }
+        if self.generation.tracker().open() > 0 {
+            log::info!("{why}");
+        }
+        self.generation.tracker().force_close();
+        drain.give_up = Some(now.checked_add(self.timeouts.force_grace).unwrap_or(now));
+        self.events.push_back(Event::ForceClose);
+    }
+
+    fn advance_drain(&mut self, now: Instant) {
+        let Some(drain) = &self.drain else {
+            return;
+        };
+        if self.exited {
+            return;
+        }
+        if drain.give_up.is_none() && drain.deadline <= now {
+            self.force(now, "drain deadline passed: closing what is left");
+        }
+        let Some(drain) = &self.drain else {
+            return;
+        };
+        let connections_done = self.generation.tracker().open() == 0
+            || drain.give_up.is_some_and(|at| at <= now);
+        let watch_over = drain.successor.is_none() || drain.watch_until <= now;
+        if connections_done && watch_over {
+            let report = self.generation.tracker().report();
+            log::info!("drained: {report}");
+            log::info!("exit");
+            self.drain = None;
+            self.exited = true;
+            self.events.push_back(Event::Exit(report));
+        }
+    }
+
+    fn check_successor(&mut self, now: Instant) {
+        let Some(watch) = self.drain.as_mut().and_then(|d| d.successor.as_mut()) else {
+            return;
+        };
+        let pid = watch.pid();
+        let status = match watch.check() {
+            Ok(Successor::Running) => return,
+            Ok(Successor::Failed(status)) => status,
+            Ok(other) => {
+                log::debug!("new generation {pid}: {other:?}; not watching it any more");
+                self.end_watch(now);
+                return;
+            }
+            Err(e) => {
+                log::warn!("{e}; not watching the new generation any more");
+                self.end_watch(now);
+                return;
+            }
+        };
+        if self.stop_requested {
+            log::info!(
+                "new generation {pid} ended ({status}) while this one drained; not serving again: a stop was requested"
+            );
+            self.end_watch(now);
+            return;
+        }
+        self.resume(pid, status);
+    }
+
+    fn end_watch(&mut self, now: Instant) {
+        if let Some(drain) = self.drain.as_mut() {
+            drain.successor = None;
+        }
+        self.advance_drain(now);
+    }
+
+    fn resume(&mut self, pid: u32, status: ExitStatus) {
+        log::info!(
+            "resumed: new generation {pid} ended ({status}) while this one drained; serving again"
+        );
+        self.drain = None;
+        self.generation.resume(status);
+        self.events.push_back(Event::Resume);
+    }
+}

@@ -1,0 +1,122 @@
+//! The demo on an async runtime, written once for tokio and smol: baton's
+//! [`Server`] owns the lifecycle (signals, control socket, upgrade, drain,
+//! resume); this module only names the listeners and serves HTTP and UDP.
+
+use std::io;
+use std::net::UdpSocket;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use baton_core::runtime::{Accept, Runtime};
+use baton_core::server::Server;
+use baton_core::{Config, StopToken};
+use futures_lite::future;
+
+use super::conn::{self, Io};
+use crate::cli::{self, Options};
+use crate::http::ServerInfo;
+use crate::Failed;
+
+/// The library's configuration, from the demo's flags.
+pub fn config(options: &Options) -> Config {
+    let mut config = Config::default()
+        .upgrade_timeout(options.upgrade_timeout)
+        .drain_timeout(options.drain_timeout)
+        .successor_watch(options.successor_watch)
+        .idle_grace(options.idle_grace)
+        .max_connections(options.max_connections);
+    if let Some(path) = &options.next_binary {
+        config = config.program(path);
+    }
+    if let Some(path) = &options.pid_file {
+        config = config.pid_file(path);
+    }
+    if let Some(path) = &options.control {
+        config = config.control(path);
+    }
+    config
+}
+
+/// The connection timeouts of the demo's flags.
+pub fn timeouts(options: &Options) -> conn::Timeouts {
+    conn::Timeouts {
+        idle_grace: options.idle_grace,
+        idle_timeout: options.idle_timeout,
+        header_timeout: options.header_timeout,
+        write_timeout: options.write_timeout,
+    }
+}
+
+/// Serve until upgraded or stopped, then drain. Errors are logged.
+pub async fn serve<R, L>(runtime: R, options: &Options) -> Result<(), Failed>
+where
+    R: Runtime + Clone,
+    L: Accept,
+    L::Stream: Io,
+{
+    let timers = Arc::new(runtime.clone());
+    let failed = |e: baton_core::Error| {
+        log::error!("{e}");
+        Failed
+    };
+    let mut server = Server::<R, L>::new(runtime, config(options)).map_err(failed)?;
+    let info = Arc::new(ServerInfo {
+        pid: std::process::id(),
+        generation: server.generation(),
+        backend: timers.name(),
+    });
+    for (name, addr) in &options.listeners() {
+        server.listen(name, addr).map_err(failed)?;
+    }
+    if let Some(addr) = options.udp {
+        let (timers, info) = (timers.clone(), info.clone());
+        server
+            .datagram(cli::UDP_NAME, addr, move |socket, stop| {
+                udp_echo(timers.clone(), socket, stop, info.clone())
+            })
+            .map_err(failed)?;
+    }
+    let timeouts = timeouts(options);
+    server
+        .serve(move |stream, conn| conn::serve(timers.clone(), stream, conn, info.clone(), timeouts))
+        .await
+        .map_err(failed)?;
+    Ok(())
+}
+
+/// Echo datagrams until stopped, then drop this handle on the socket: the
+/// next generation reads the rest of the shared queue. A datagram received
+/// is always answered, even if the stop comes meanwhile.
+async fn udp_echo<R: Runtime>(
+    runtime: Arc<R>,
+    socket: UdpSocket,
+    stop: StopToken,
+    info: Arc<ServerInfo>,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        // `or` prefers its first future: a stop wins over a ready datagram.
+        let stopped = async {
+            stop.stopped().await;
+            false
+        };
+        let readable = async { runtime.readable(socket.as_fd()).await.is_ok() };
+        if !future::or(stopped, readable).await {
+            break;
+        }
+        // Bounded: the socket's queue is finite; stop after a batch anyway.
+        for _ in 0..64 {
+            let (len, peer) = match socket.recv_from(&mut buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ECONNREFUSED from the ICMP answer to an earlier reply
+                // concerns that peer only.
+                Err(_) => continue,
+            };
+            let reply = cli::udp_echo(&info, &buf[..len]);
+            if let Err(e) = socket.send_to(&reply, peer) {
+                log::warn!("udp reply to {peer}: {e}");
+            }
+        }
+    }
+}
