@@ -46,6 +46,7 @@ pub use baton_core::{
     Config, Connection, DrainReport, Error, ListenAddr, Origin, StopReason, StopToken, Tracker,
     UpgradeError, Upgraded,
 };
+pub use baton_core::logger;
 pub use listener::{Listener, Stream};
 
 /// A generation of a smol server: `Server::new(Smol::new(executor), config)`.

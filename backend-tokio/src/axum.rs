@@ -22,11 +22,10 @@ use crate::{DrainReport, Error, Server};
 /// stopped and drained, with baton's drain semantics
 /// ([`crate::hyper::serve_connection`]).
 pub async fn serve(server: Server, app: axum::Router) -> Result<DrainReport, Error> {
-    let idle_grace = server.idle_grace();
     server
         .serve(move |stream, conn| {
             let service = TowerToHyperService::new(app.clone());
-            crate::hyper::serve_connection(stream, conn, service, idle_grace)
+            crate::hyper::serve_connection(stream, conn, service)
         })
         .await
 }

@@ -6,13 +6,13 @@
 //! and that races with a client that is just sending its next request on it
 //! (the request is lost). So after the stop, every response carries
 //! `Connection: close` (hyper closes the connection right after it), and
-//! only a connection still idle after the idle grace is shut down by hyper.
+//! only a connection still idle after the idle grace
+//! ([`crate::Tracker::closing_idle`]) is shut down by hyper.
 //! A request in progress is tracked as busy, so the drain waits for it.
 
 use std::future::Future;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, CONNECTION};
@@ -27,7 +27,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serve `service` on one connection until the client closes it, the drain
 /// closes it, or the drain deadline forces it.
-pub async fn serve_connection<S, B>(stream: Stream, conn: Connection, service: S, idle_grace: Duration)
+pub async fn serve_connection<S, B>(stream: Stream, conn: Connection, service: S)
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
@@ -56,7 +56,7 @@ where
     // grace to send one last request before hyper shuts it down.
     tokio::select! {
         _ = http.as_mut() => return,
-        _ = tokio::time::sleep(idle_grace) => http.as_mut().graceful_shutdown(),
+        _ = tracker.closing_idle() => http.as_mut().graceful_shutdown(),
         _ = tracker.forced() => return,
     }
     tokio::select! {

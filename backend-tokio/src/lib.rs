@@ -55,6 +55,7 @@ pub use baton_core::{
     UpgradeError, Upgraded,
 };
 pub use baton_core::server::Handle;
+pub use baton_core::logger;
 pub use listener::{Listener, Stream};
 
 /// A generation of a tokio server: `Server::new(Tokio, config)`.

@@ -95,10 +95,6 @@ pub struct Config {
     /// Most connections open at once: at the limit, accepting pauses and
     /// new clients wait in the kernel's listen queue. Default 10 000.
     pub max_connections: usize,
-    /// How long an idle keep-alive connection may still send one last
-    /// request after the stop (closing it at once races with a client that
-    /// is just sending). Default 2 s.
-    pub idle_grace: Duration,
     /// Act on `SIGHUP` (upgrade), `SIGTERM` and `SIGINT` (stop). Default true.
     pub handle_signals: bool,
 }
@@ -113,7 +109,6 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             control: None,
             max_connections: 10_000,
-            idle_grace: Duration::from_secs(2),
             handle_signals: true,
         }
     }
@@ -170,7 +165,7 @@ impl Config {
 
     /// Set the idle grace of the drain.
     pub fn idle_grace(mut self, grace: Duration) -> Self {
-        self.idle_grace = grace;
+        self.timeouts.idle_grace = grace;
         self
     }
 

@@ -67,6 +67,7 @@ impl Default for Timeouts {
             drain: Duration::from_secs(30),
             successor_watch: Duration::from_secs(2),
             force_grace: FORCE_GRACE,
+            idle_grace: Duration::from_secs(2),
         }
     }
 }
@@ -176,6 +177,8 @@ struct Upgrade {
 /// The drain after a stop.
 #[derive(Debug)]
 struct Drain {
+    /// When idle connections are told to close; `None` once told.
+    close_idle_at: Option<Instant>,
     deadline: Instant,
     /// Set once forced: when to give up on connections that did not close.
     give_up: Option<Instant>,
@@ -316,6 +319,7 @@ impl Lifecycle {
         });
         let drain = self.drain.as_ref().map(|d| {
             let end = d.give_up.unwrap_or(d.deadline);
+            let end = d.close_idle_at.map_or(end, |at| at.min(end));
             if self.generation.tracker().open() == 0 {
                 end.min(d.watch_until)
             } else {
@@ -498,6 +502,7 @@ impl Lifecycle {
             self.generation.tracker().open()
         );
         self.drain = Some(Drain {
+            close_idle_at: Some(now.checked_add(self.timeouts.idle_grace).unwrap_or(now)),
             deadline: now.checked_add(self.timeouts.drain).unwrap_or(now),
             give_up: None,
             successor,
@@ -529,6 +534,15 @@ impl Lifecycle {
         if self.exited {
             return;
         }
+        if drain.close_idle_at.is_some_and(|at| at <= now) {
+            self.generation.tracker().close_idle();
+            if let Some(drain) = self.drain.as_mut() {
+                drain.close_idle_at = None;
+            }
+        }
+        let Some(drain) = &self.drain else {
+            return;
+        };
         if drain.give_up.is_none() && drain.deadline <= now {
             self.force(now, "drain deadline passed: closing what is left");
         }

@@ -147,6 +147,12 @@ impl<R: Runtime, L: Accept> Server<R, L> {
         }
     }
 
+    /// How long an idle connection may still send a last request after the
+    /// stop ([`Tracker::closing_idle`] resolves then).
+    pub fn idle_grace(&self) -> Duration {
+        self.config.timeouts.idle_grace
+    }
+
     /// The token that stops this generation, for the application's own tasks.
     pub fn stop_token(&self) -> StopToken {
         self.lifecycle.generation().stop_token().clone()

@@ -53,6 +53,8 @@ struct Inner {
     closed_idle: AtomicUsize,
     forced: AtomicUsize,
     force: AtomicBool,
+    /// Set once the idle grace after the stop has passed.
+    close_idle: AtomicBool,
     /// Notified when `open` drops to zero and when `force` is set.
     changed: Event,
     /// Notified whenever a connection closes (`open` decreases), for
@@ -82,6 +84,7 @@ impl Tracker {
             closed_idle: AtomicUsize::new(0),
             forced: AtomicUsize::new(0),
             force: AtomicBool::new(false),
+            close_idle: AtomicBool::new(false),
             changed: Event::new(),
             closed: Event::new(),
         });
@@ -134,6 +137,28 @@ impl Tracker {
         self.inner.force.load(Ordering::SeqCst)
     }
 
+    /// Tell idle connections to close: the idle grace after the stop has
+    /// passed (the lifecycle calls it). Busy ones finish their request.
+    pub fn close_idle(&self) {
+        self.inner.close_idle.store(true, Ordering::SeqCst);
+        self.inner.changed.notify(usize::MAX);
+    }
+
+    /// True once idle connections should close: the idle grace after the
+    /// stop has passed, or the drain deadline forced everything.
+    pub fn is_closing_idle(&self) -> bool {
+        self.inner.close_idle.load(Ordering::SeqCst) || self.is_forced()
+    }
+
+    /// Resolves when an idle connection should close: the idle grace after
+    /// the stop has passed, or the drain deadline forced everything. Any
+    /// executor. A connection waiting for its next request races its read
+    /// with this; one in the middle of a request waits for
+    /// [`forced`](Self::forced) only.
+    pub async fn closing_idle(&self) {
+        self.wait_until(Self::is_closing_idle).await;
+    }
+
     /// Resolves when [`force_close`](Self::force_close) is called. Any executor.
     pub async fn forced(&self) {
         self.wait_until(Self::is_forced).await;
@@ -171,6 +196,7 @@ impl Tracker {
     /// a force that would otherwise close every new connection at once.
     pub(crate) fn resume(&self) {
         self.inner.force.store(false, Ordering::SeqCst);
+        self.inner.close_idle.store(false, Ordering::SeqCst);
         for counter in [
             &self.inner.finished,
             &self.inner.closed_idle,

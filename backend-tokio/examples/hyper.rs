@@ -1,0 +1,61 @@
+// cargo run -p baton-tokio --features hyper --example hyper -- --listen 127.0.0.1:3000 --control /tmp/hyper.sock
+//! A plain hyper 1.x service that upgrades itself without failing a
+//! request: `kill -HUP` or `batonctl upgrade --control /tmp/hyper.sock`
+//! starts the new binary and hands it the sockets; `kill -TERM` or
+//! `batonctl stop` stops gracefully. If the new generation dies in its first
+//! seconds, the old one serves again.
+//!
+//! Every request is answered with the pid and generation that served it.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+
+use baton_tokio::{Config, ListenAddr, Server, Tokio};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+
+#[derive(Parser)]
+struct Args {
+    /// Listen on IP:PORT or unix:/path (repeatable).
+    #[arg(long = "listen", default_value = "127.0.0.1:3000")]
+    listen: Vec<ListenAddr>,
+    /// Control socket for `batonctl upgrade|status|stop`.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// PID file naming the process that serves.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), baton_tokio::Error> {
+    let args = Args::parse();
+    baton_tokio::logger::init("hyper", "tokio");
+    let mut config = Config::default();
+    config.control = args.control;
+    config.pid_file = args.pid_file;
+    let mut server = Server::new(Tokio, config)?;
+    for (index, addr) in args.listen.iter().enumerate() {
+        server.listen(&format!("http-{index}"), addr)?;
+    }
+    let generation = server.generation();
+    let hello = move |_request: Request<Incoming>| async move {
+        let pid = std::process::id();
+        let body = format!("hello from pid {pid} generation {generation}\n");
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        let header = HeaderValue::from(generation);
+        response.headers_mut().insert("x-baton-generation", header);
+        Ok::<_, Infallible>(response)
+    };
+    server
+        .serve(move |stream, conn| {
+            baton_tokio::hyper::serve_connection(stream, conn, service_fn(hello))
+        })
+        .await?;
+    Ok(())
+}
