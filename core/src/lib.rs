@@ -42,6 +42,7 @@
 //! # }
 //! ```
 
+pub mod control;
 pub mod notify;
 pub mod pidfile;
 pub mod protocol;
