@@ -487,6 +487,7 @@ async fn serve_control(
         (None, None) => control::timed_out(),
         (None, Some(None | Some(Parsed::Incomplete))) => return,
         (None, Some(Some(Parsed::Invalid(answer)))) => answer,
+        (None, Some(Some(Parsed::Command(control::Command::Stop)))) => control::stop(&events),
         (None, Some(Some(Parsed::Command(control::Command::Status)))) => {
             memory.status(tracker.open(), tracker.busy()).answer()
         }

@@ -381,6 +381,7 @@ async fn serve_control(
         (None, Err(_elapsed)) => control::timed_out(),
         (None, Ok(None | Some(Parsed::Incomplete))) => return,
         (None, Ok(Some(Parsed::Invalid(answer)))) => answer,
+        (None, Ok(Some(Parsed::Command(control::Command::Stop)))) => control::stop(&events),
         (None, Ok(Some(Parsed::Command(control::Command::Status)))) => {
             memory.status(tracker.open(), tracker.busy()).answer()
         }
