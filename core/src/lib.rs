@@ -42,6 +42,7 @@
 //! # }
 //! ```
 
+pub mod control;
 pub mod lifecycle;
 pub mod notify;
 pub mod pidfile;

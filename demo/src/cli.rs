@@ -87,7 +87,7 @@ pub struct Options {
     /// generation once ready, removed at a graceful stop.
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
-    /// Listen for control commands (upgrade, status) on this Unix socket,
+    /// Listen for control commands (upgrade, status, stop) on this Unix socket,
     /// mode 0600, handed to each next generation. See `baton-demo upgrade`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,

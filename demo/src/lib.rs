@@ -3,8 +3,10 @@
 //!
 //! The HTTP handling is one sans-IO module ([`http`]) that every backend
 //! drives, so comparing backends compares runtimes, not HTTP stacks.
-//! The control socket (`--control PATH`: `baton-demo upgrade`, `baton-demo
-//! status`) speaks the line protocol documented in [`control`].
+//! The control socket (`--control PATH`: `batonctl upgrade|status|stop`,
+//! or the aliases `baton-demo upgrade|status`) speaks the library's line
+//! protocol, `baton_core::control`; [`control`] adapts it to the demo's
+//! servers.
 
 #![forbid(unsafe_code)]
 

@@ -274,6 +274,7 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                 control::Command::Upgrade => {
                     begin_upgrade(&mut baton, &memory, &events, &mut controls, Some(slot));
                 }
+                control::Command::Stop => controls.answer(slot, control::stop(&events)),
                 control::Command::Status => {
                     let tracker = baton.tracker();
                     let answer = memory.status(tracker.open(), tracker.busy()).answer();
