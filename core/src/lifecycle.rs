@@ -59,6 +59,10 @@ pub struct Timeouts {
     pub successor_watch: Duration,
     /// How long forced connections get to close. Default [`FORCE_GRACE`].
     pub force_grace: Duration,
+    /// How long an idle keep-alive connection may still send one last
+    /// request after the stop: closing it at once races with a client that
+    /// is just sending. Default 2 s.
+    pub idle_grace: Duration,
 }
 
 impl Default for Timeouts {

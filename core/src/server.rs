@@ -546,7 +546,7 @@ async fn control_session<R: Runtime>(
                 ])
                 .await;
                 match answer {
-                    Some(answer) => control::answer_text(&answer, runtime.name()),
+                    Some(answer) => answer_text(answer, runtime.name()),
                     None => stopping(),
                 }
             }
@@ -556,6 +556,43 @@ async fn control_session<R: Runtime>(
     write_all(&*runtime, &stream, answer.as_bytes(), deadline).await;
     let _ = stream.shutdown(std::net::Shutdown::Write);
     drop(conn);
+}
+
+/// The control protocol's text for `answer`.
+fn answer_text(answer: Answer, backend: &'static str) -> String {
+    match answer {
+        Answer::Upgraded(done) => {
+            let line = control::outcome_line(Ok(control_upgraded(&done)));
+            format!("{line}\n")
+        }
+        Answer::UpgradeFailed(reason) => format!("{}\n", control::outcome_line(Err(&reason))),
+        Answer::Stopping => control::STOPPING.to_owned(),
+        Answer::Status(status) => {
+            let last_upgrade = status.last_upgrade.map(|outcome| match outcome {
+                Ok(done) => control::outcome_line(Ok(control_upgraded(&done))),
+                Err(reason) => control::outcome_line(Err(&reason)),
+            });
+            control::Status {
+                pid: status.pid,
+                generation: status.generation,
+                backend,
+                uptime: status.uptime,
+                // Not counting the connection that asks.
+                open: status.open.saturating_sub(1),
+                busy: status.busy.saturating_sub(1),
+                last_upgrade,
+            }
+            .answer()
+        }
+    }
+}
+
+fn control_upgraded(done: &crate::Upgraded) -> control::Upgraded {
+    control::Upgraded {
+        pid: done.pid,
+        generation: done.generation,
+        ready_ms: done.time_to_ready.as_millis(),
+    }
 }
 
 /// Read until a command line is complete; `None` at EOF, error or deadline.
