@@ -122,6 +122,18 @@ fn is_explicit_name(name: &str) -> bool {
     !(name.is_empty() || name == UNNAMED || name.ends_with(".socket"))
 }
 
+/// The name to pass a socket on under that came as `name`: itself, or
+/// [`UNNAMED`] if it cannot travel in `LISTEN_FDNAMES` (systemd's empty
+/// name, or whatever another activator sent), so that an upgrade never
+/// fails on it and the next generation still treats it as unnamed.
+fn passable_name(name: &str) -> &str {
+    if protocol::validate_name(name).is_ok() {
+        name
+    } else {
+        UNNAMED
+    }
+}
+
 impl Listeners {
     /// Adopt the sockets `passed` declares at fds 3... Each is made
     /// close-on-exec at once, so none leaks into a process the application
@@ -430,7 +442,7 @@ impl Listeners {
         if how == Match::Lone || addr.matches(passed.fd.as_fd()) {
             log_claim(name, &addr.to_string(), &passed, how);
             let handoff_name = if how == Match::Lone {
-                passed.name.clone()
+                passable_name(&passed.name).to_owned()
             } else {
                 name.to_owned()
             };
@@ -485,7 +497,11 @@ impl Listeners {
         let sockets: Vec<(&str, BorrowedFd<'_>)> = held
             .iter()
             .map(|h| (h.handoff_name.as_str(), h.fd.as_fd()))
-            .chain(inherited.iter().map(|p| (p.name.as_str(), p.fd.as_fd())))
+            .chain(
+                inherited
+                    .iter()
+                    .map(|p| (passable_name(&p.name), p.fd.as_fd())),
+            )
             .collect();
         f(&sockets)
     }
@@ -1001,7 +1017,8 @@ mod tests {
             assert!(!dir.join("never-bound.sock").exists());
             // Passed on under its own name, so the next generation takes it
             // by the same rule; reopened under the listener's.
-            assert_eq!(handed_on(&listeners), [name]);
+            let passable = if name.is_empty() { UNNAMED } else { name };
+            assert_eq!(handed_on(&listeners), [passable]);
             assert!(listeners.reopen("http").is_ok());
             std::fs::remove_dir_all(dir).unwrap();
         }
@@ -1084,6 +1101,11 @@ mod tests {
         );
         assert_eq!(listeners.close_unclaimed(), ["admin"]);
         assert_eq!(handed_on(&listeners), [UNNAMED, "app.socket"]);
+        // What cannot travel in LISTEN_FDNAMES goes on as unnamed.
+        let empty = std::net::TcpListener::bind(loopback()).unwrap();
+        let listeners = passed(false, vec![("", empty.into())]);
+        assert!(listeners.close_unclaimed().is_empty());
+        assert_eq!(handed_on(&listeners), [UNNAMED]);
     }
 
     #[test]
