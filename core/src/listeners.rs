@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -20,6 +20,8 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use crate::protocol::{self, Passed, UNNAMED};
 use crate::sys;
 use crate::Error;
+
+mod private;
 
 /// Backlog for sockets baton binds: deep enough that connections arriving
 /// while two generations swap wait in the kernel queue instead of failing.
@@ -44,11 +46,27 @@ pub trait ListenerHandoff: Sized {
     fn from_listen_socket(socket: ListenSocket) -> io::Result<Self>;
 }
 
-/// One socket of this process: its name and the fd kept for handoff.
+/// One socket this process holds for the next generation.
 #[derive(Debug)]
 struct Held {
+    /// The listener's name in this process (what [`Listeners::reopen`] and
+    /// the "already open" check go by).
+    name: String,
+    /// The name it is passed on under: the listener's name, except for a
+    /// socket taken by the lone-socket rule, which keeps the name it came
+    /// with so that the next generation takes it by the same rule.
+    handoff_name: String,
+    fd: OwnedFd,
+}
+
+/// One socket passed by the parent and not claimed yet.
+#[derive(Debug)]
+struct Inherited {
+    /// Its name in `LISTEN_FDNAMES`.
     name: String,
     fd: OwnedFd,
+    /// The warning that nobody uses it was logged.
+    warned: bool,
 }
 
 /// The socket as it is, for callers that convert it themselves.
@@ -62,8 +80,11 @@ impl ListenerHandoff for ListenSocket {
 /// generation.
 #[derive(Debug, Default)]
 pub(crate) struct Listeners {
-    inherited: Mutex<Vec<Held>>,
+    inherited: Mutex<Vec<Inherited>>,
     held: Mutex<Vec<Held>>,
+    /// The parent is a baton generation (it passed `BATON_READY_FD`), not
+    /// systemd or another socket activator.
+    from_baton: bool,
 }
 
 /// Where a listener came from.
@@ -73,6 +94,44 @@ pub enum Origin {
     Inherited,
     /// Bound by this process.
     Bound,
+}
+
+/// How an inherited socket was matched to a listener, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Match {
+    Name,
+    Address,
+    Lone,
+}
+
+impl std::fmt::Display for Match {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Match::Name => "same name",
+            Match::Address => "same address",
+            Match::Lone => "the only passed stream socket left, whatever its address",
+        })
+    }
+}
+
+/// True for a name someone chose (`http`, `control`), as opposed to what
+/// systemd gives a socket nobody named: `unknown` (no `LISTEN_FDNAMES`),
+/// empty, or the unit's name (`app.socket`, a unit without
+/// `FileDescriptorName=`).
+fn is_explicit_name(name: &str) -> bool {
+    !(name.is_empty() || name == UNNAMED || name.ends_with(".socket"))
+}
+
+/// The name to pass a socket on under that came as `name`: itself, or
+/// [`UNNAMED`] if it cannot travel in `LISTEN_FDNAMES` (systemd's empty
+/// name, or whatever another activator sent), so that an upgrade never
+/// fails on it and the next generation still treats it as unnamed.
+fn passable_name(name: &str) -> &str {
+    if protocol::validate_name(name).is_ok() {
+        name
+    } else {
+        UNNAMED
+    }
 }
 
 impl Listeners {
@@ -95,59 +154,85 @@ impl Listeners {
                 .map_err(|source| problem(format!("cannot adopt: {source}")))?;
             sys::socket_info(owned.as_fd())
                 .map_err(|source| problem(format!("not a socket: {source}")))?;
-            inherited.push(Held {
+            inherited.push(Inherited {
                 name: name.clone(),
                 fd: owned,
+                warned: false,
             });
         }
         Ok(Listeners {
             inherited: Mutex::new(inherited),
             held: Mutex::default(),
+            from_baton: passed.ready_fd.is_some(),
         })
     }
 
     /// The listener `name`: inherited if passed, else bound to `addr`.
+    ///
+    /// A passed socket is claimed by name; else by address whatever its
+    /// name; else, if exactly one passed stream socket is left unclaimed and
+    /// nobody named it (`unknown`, empty, `*.socket`), that one, wherever it
+    /// is bound (`systemd-socket-activate -l PORT app` serves on PORT even
+    /// though the application asks for its default address). The returned
+    /// socket's kind follows the socket, not `addr`.
     pub(crate) fn listen(
         &self,
         name: &str,
         addr: &ListenAddr,
     ) -> Result<(ListenSocket, Origin), Error> {
-        let (fd, origin) = self.claim(name, addr)?;
-        let socket = match addr {
-            ListenAddr::Tcp(_) => ListenSocket::Tcp(std::net::TcpListener::from(fd)),
-            ListenAddr::Unix(_) => ListenSocket::Unix(UnixListener::from(fd)),
-        };
-        Ok((socket, origin))
+        let (fd, origin) = self.claim(name, addr, true, || addr.bind())?;
+        Ok((listen_socket(fd), origin))
+    }
+
+    /// The Unix listener `name` at `path`, for a socket only some users may
+    /// reach (a control socket: `mode` 0o600). Inherited if passed under
+    /// `name` or bound at `path` (never by the lone-socket rule); else bound
+    /// with its final permissions from the start: there is no moment at
+    /// which it exists at `path` with wider ones, and a symbolic link at
+    /// `path` is an error, never followed. A stale socket file is replaced.
+    #[allow(dead_code)] // until `Generation` exposes it for the control socket
+    pub(crate) fn listen_unix_private(
+        &self,
+        name: &str,
+        path: &Path,
+        mode: u32,
+    ) -> Result<(ListenSocket, Origin), Error> {
+        let addr = ListenAddr::Unix(path.to_owned());
+        let (fd, origin) = self.claim(name, &addr, false, || private::bind(path, mode))?;
+        Ok((listen_socket(fd), origin))
     }
 
     /// Another duplicate of the held listener `name`, for a generation that
-    /// accepts again after it had stopped (its successor died).
+    /// accepts again after it had stopped (its successor died). Made
+    /// non-blocking again: the successor shares the open file description
+    /// and may have cleared `O_NONBLOCK` on it.
     pub(crate) fn reopen(&self, name: &str) -> Result<ListenSocket, Error> {
         let held = lock(&self.held);
-        let missing = || Error::Listen {
+        let error = |source| Error::Listen {
             name: name.to_owned(),
             addr: "(held)".to_owned(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no listener of this name is open"),
+            source,
         };
         let socket = held
             .iter()
             .find(|h| h.name == name && !is_datagram(h.fd.as_fd()))
-            .ok_or_else(missing)?;
-        let copy = socket.fd.try_clone().map_err(|source| Error::Listen {
-            name: name.to_owned(),
-            addr: "(held)".to_owned(),
-            source,
-        })?;
-        let family = sys::socket_info(copy.as_fd()).map(|info| info.family);
-        Ok(match family {
-            Ok(libc::AF_UNIX) => ListenSocket::Unix(UnixListener::from(copy)),
-            _ => ListenSocket::Tcp(std::net::TcpListener::from(copy)),
-        })
+            .ok_or_else(|| {
+                error(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no listener of this name is open",
+                ))
+            })?;
+        let copy = socket.fd.try_clone().map_err(error)?;
+        socket2::SockRef::from(&copy)
+            .set_nonblocking(true)
+            .map_err(error)?;
+        Ok(listen_socket(copy))
     }
 
-    /// The datagram socket `name`: inherited if passed (it must be a UDP
-    /// socket of `addr`'s family), else bound to `addr`. Held for handoff in
-    /// the same list as the listeners, so it is passed on with its name.
+    /// The datagram socket `name`: inherited if passed (by name, or by
+    /// address whatever its name; it must be a UDP socket of `addr`'s
+    /// family), else bound to `addr`. Held for handoff in the same list as
+    /// the listeners, so it is passed on with its name.
     pub(crate) fn datagram(
         &self,
         name: &str,
@@ -173,13 +258,15 @@ impl Listeners {
         let copy = fd.try_clone().map_err(listen_error)?;
         held.push(Held {
             name: name.to_owned(),
+            handoff_name: name.to_owned(),
             fd,
         });
         Ok((std::net::UdpSocket::from(copy), origin))
     }
 
     /// Another duplicate of the held datagram socket `name`, for a
-    /// generation that serves again after it had stopped.
+    /// generation that serves again after it had stopped; non-blocking
+    /// again, as in [`reopen`](Self::reopen).
     pub(crate) fn reopen_datagram(&self, name: &str) -> Result<std::net::UdpSocket, Error> {
         let held = lock(&self.held);
         let error = |source| Error::Listen {
@@ -197,46 +284,59 @@ impl Listeners {
                 ))
             })?;
         let copy = socket.fd.try_clone().map_err(error)?;
-        Ok(std::net::UdpSocket::from(copy))
+        let copy = std::net::UdpSocket::from(copy);
+        copy.set_nonblocking(true).map_err(error)?;
+        Ok(copy)
     }
 
-    /// Like [`take_inherited`](Self::take_inherited), for a datagram socket.
+    /// Like [`take_inherited`](Self::take_inherited), for a datagram socket
+    /// (no lone-socket rule: a datagram socket is claimed by name or by
+    /// address).
     fn take_inherited_datagram(
         &self,
         name: &str,
         addr: SocketAddr,
     ) -> Result<Option<OwnedFd>, Error> {
-        let matches = |fd: BorrowedFd<'_>| {
+        let matches = |fd: BorrowedFd<'_>, wildcard: bool| {
             socket2::SockRef::from(&fd)
                 .local_addr()
                 .ok()
                 .and_then(|local| local.as_socket())
                 .is_some_and(|have| {
                     if addr.port() == 0 {
-                        have.ip() == addr.ip()
+                        wildcard && have.ip() == addr.ip()
                     } else {
                         have == addr
                     }
                 })
         };
         let mut inherited = lock(&self.inherited);
-        let position = inherited.iter().position(|h| h.name == name).or_else(|| {
-            inherited.iter().position(|h| {
-                h.name == UNNAMED && is_datagram(h.fd.as_fd()) && matches(h.fd.as_fd())
-            })
-        });
-        let Some(index) = position else {
+        let found = inherited
+            .iter()
+            .position(|h| h.name == name)
+            .map(|index| (index, Match::Name))
+            .or_else(|| {
+                inherited
+                    .iter()
+                    .position(|h| {
+                        is_datagram(h.fd.as_fd())
+                            && matches(h.fd.as_fd(), !is_explicit_name(&h.name))
+                    })
+                    .map(|index| (index, Match::Address))
+            });
+        let Some((index, how)) = found else {
             return Ok(None);
         };
         let fd = inherited[index].fd.as_fd();
         check_datagram(fd, addr).map_err(|problem| Error::Inherited {
-            name: name.to_owned(),
-            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            name: inherited[index].name.clone(),
+            fd: fd.as_raw_fd(),
             problem,
         })?;
-        let held = inherited.remove(index);
-        if matches(held.fd.as_fd()) {
-            Ok(Some(held.fd))
+        let passed = inherited.remove(index);
+        if matches(passed.fd.as_fd(), true) {
+            log_claim(name, &format!("udp:{addr}"), &passed, how);
+            Ok(Some(passed.fd))
         } else {
             log::info!(
                 "inherited datagram socket {name:?} is not at {addr}: closing it and binding anew"
@@ -246,7 +346,13 @@ impl Listeners {
     }
 
     /// Inherit or bind, keep one fd for handoff, return a duplicate.
-    fn claim(&self, name: &str, addr: &ListenAddr) -> Result<(OwnedFd, Origin), Error> {
+    fn claim(
+        &self,
+        name: &str,
+        addr: &ListenAddr,
+        lone: bool,
+        bind: impl FnOnce() -> io::Result<OwnedFd>,
+    ) -> Result<(OwnedFd, Origin), Error> {
         protocol::validate_name(name)?;
         let listen_error = |source| Error::Listen {
             name: name.to_owned(),
@@ -260,68 +366,142 @@ impl Listeners {
                 "a listener of this name is already open",
             )));
         }
-        let (fd, origin) = match self.take_inherited(name, addr)? {
-            Some(fd) => (fd, Origin::Inherited),
-            None => (addr.bind().map_err(listen_error)?, Origin::Bound),
+        let (fd, handoff_name, origin) = match self.take_inherited(name, addr, lone)? {
+            Some((fd, handoff_name)) => (fd, handoff_name, Origin::Inherited),
+            None => (
+                bind().map_err(listen_error)?,
+                name.to_owned(),
+                Origin::Bound,
+            ),
         };
         let copy = fd.try_clone().map_err(listen_error)?;
         held.push(Held {
             name: name.to_owned(),
+            handoff_name,
             fd,
         });
         Ok((copy, origin))
     }
 
-    /// Find the inherited socket for `name`: by name, or else an unnamed one
-    /// bound to `addr` (systemd without `FileDescriptorName=`). A socket of
-    /// the wrong kind is an error and stays in place; a socket of the right
-    /// kind at another address (the operator changed `--listen`) is closed
-    /// so the new address is bound.
-    fn take_inherited(&self, name: &str, addr: &ListenAddr) -> Result<Option<OwnedFd>, Error> {
+    /// Find the inherited socket for `name`, and the name to hand it on
+    /// under: by name; else by address whatever its name (systemd without
+    /// `FileDescriptorName=` names it `unknown` or after the unit); else, with
+    /// `lone`, the only passed stream socket left if nobody named it.
+    ///
+    /// A socket of the wrong kind is an error and stays in place. A socket
+    /// found by name at another address (the operator changed `--listen`) is
+    /// closed so the new address is bound. The lone socket is taken whatever
+    /// its address and family, and keeps its name for the next generation,
+    /// which then takes it by the same rule.
+    fn take_inherited(
+        &self,
+        name: &str,
+        addr: &ListenAddr,
+        lone: bool,
+    ) -> Result<Option<(OwnedFd, String)>, Error> {
         let mut inherited = lock(&self.inherited);
-        let position = inherited.iter().position(|h| h.name == name).or_else(|| {
-            inherited.iter().position(|h| {
-                h.name == UNNAMED && !is_datagram(h.fd.as_fd()) && addr.matches(h.fd.as_fd())
+        let found = inherited
+            .iter()
+            .position(|h| h.name == name)
+            .map(|index| (index, Match::Name))
+            .or_else(|| {
+                inherited
+                    .iter()
+                    .position(|h| {
+                        !is_datagram(h.fd.as_fd())
+                            && addr.matches_passed(h.fd.as_fd(), !is_explicit_name(&h.name))
+                    })
+                    .map(|index| (index, Match::Address))
             })
-        });
-        let Some(index) = position else {
+            .or_else(|| {
+                if !lone {
+                    return None;
+                }
+                let mut streams = inherited
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, h)| is_stream(h.fd.as_fd()));
+                match (streams.next(), streams.next()) {
+                    (Some((index, h)), None) if !is_explicit_name(&h.name) => {
+                        Some((index, Match::Lone))
+                    }
+                    _ => None,
+                }
+            });
+        let Some((index, how)) = found else {
             return Ok(None);
         };
         let fd = inherited[index].fd.as_fd();
-        check_listener(fd, addr).map_err(|problem| Error::Inherited {
-            name: name.to_owned(),
-            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        let wanted = (how != Match::Lone).then_some(addr);
+        check_listener(fd, wanted).map_err(|problem| Error::Inherited {
+            name: inherited[index].name.clone(),
+            fd: fd.as_raw_fd(),
             problem,
         })?;
-        let held = inherited.remove(index);
-        if addr.matches(held.fd.as_fd()) {
-            Ok(Some(held.fd))
+        let passed = inherited.remove(index);
+        if how == Match::Lone || addr.matches(passed.fd.as_fd()) {
+            log_claim(name, &addr.to_string(), &passed, how);
+            let handoff_name = if how == Match::Lone {
+                passable_name(&passed.name).to_owned()
+            } else {
+                name.to_owned()
+            };
+            Ok(Some((passed.fd, handoff_name)))
         } else {
             log::info!("inherited listener {name:?} is not at {addr}: closing it and binding anew");
             Ok(None)
         }
     }
 
-    /// Close inherited sockets nobody claimed (a listener removed from the
-    /// configuration), returning their names for the log.
+    /// Deal with the inherited sockets nobody claimed when the generation is
+    /// ready. Those a baton parent passed under a name someone chose (a
+    /// listener removed from the configuration) are closed, and their names
+    /// returned for the log. Any other (from systemd or another activator,
+    /// or unnamed) is a socket that could serve: it is kept open, handed on
+    /// at the next upgrade, and a warning says so, once.
     pub(crate) fn close_unclaimed(&self) -> Vec<String> {
-        lock(&self.inherited).drain(..).map(|h| h.name).collect()
+        let mut closed = Vec::new();
+        lock(&self.inherited).retain_mut(|passed| {
+            if self.from_baton && is_explicit_name(&passed.name) {
+                closed.push(passed.name.clone());
+                return false;
+            }
+            if !passed.warned {
+                passed.warned = true;
+                log::warn!(
+                    "inherited listener {:?} ({}) is not used by this generation; keeping it",
+                    passed.name,
+                    describe(passed.fd.as_fd())
+                );
+            }
+            true
+        });
+        closed
     }
 
-    /// Close every socket held for handoff: the process shuts down with no
-    /// successor, so new clients should be refused at once rather than wait
-    /// in a queue nobody will accept from (and be reset at exit).
+    /// Close every socket held for handoff, and any kept unclaimed: the
+    /// process shuts down with no successor, so new clients should be
+    /// refused at once rather than wait in a queue nobody will accept from
+    /// (and be reset at exit).
     pub(crate) fn close_held(&self) {
         lock(&self.held).clear();
+        lock(&self.inherited).clear();
     }
 
-    /// Run `f` with the sockets to hand over, in a stable order, while no
-    /// listener can be added or removed.
+    /// Run `f` with the sockets to hand over, in a stable order (held ones,
+    /// then inherited ones nobody claimed), while no listener can be added
+    /// or removed.
     pub(crate) fn with_handoff<R>(&self, f: impl FnOnce(&[(&str, BorrowedFd<'_>)]) -> R) -> R {
         let held = lock(&self.held);
+        let inherited = lock(&self.inherited);
         let sockets: Vec<(&str, BorrowedFd<'_>)> = held
             .iter()
-            .map(|h| (h.name.as_str(), h.fd.as_fd()))
+            .map(|h| (h.handoff_name.as_str(), h.fd.as_fd()))
+            .chain(
+                inherited
+                    .iter()
+                    .map(|p| (passable_name(&p.name), p.fd.as_fd())),
+            )
             .collect();
         f(&sockets)
     }
@@ -331,10 +511,49 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Validate that `fd` is a listening stream socket of `kind`, and make sure
-/// it is non-blocking: a runtime needs that, and it is the only direction in
-/// which baton ever changes a shared socket's flags.
-fn check_listener(fd: BorrowedFd<'_>, addr: &ListenAddr) -> Result<(), String> {
+/// The runtime-facing socket for the listening stream socket `fd`, by its
+/// family (a lone inherited socket may not be of the requested kind).
+fn listen_socket(fd: OwnedFd) -> ListenSocket {
+    match sys::socket_info(fd.as_fd()).map(|info| info.family) {
+        Ok(libc::AF_UNIX) => ListenSocket::Unix(UnixListener::from(fd)),
+        _ => ListenSocket::Tcp(std::net::TcpListener::from(fd)),
+    }
+}
+
+/// Say which passed socket became which listener.
+fn log_claim(listener: &str, asked: &str, passed: &Inherited, how: Match) {
+    log::info!(
+        "listener {listener:?} (asked for {asked}) uses inherited socket {:?} (fd {}, {}): {how}",
+        passed.name,
+        passed.fd.as_raw_fd(),
+        describe(passed.fd.as_fd())
+    );
+}
+
+/// Where the socket `fd` is bound, for the log: `127.0.0.1:80`,
+/// `unix:/path`, `udp:127.0.0.1:53`.
+fn describe(fd: BorrowedFd<'_>) -> String {
+    let Ok(local) = socket2::SockRef::from(&fd).local_addr() else {
+        return "address unknown".to_owned();
+    };
+    if let Some(addr) = local.as_socket() {
+        if is_datagram(fd) {
+            format!("udp:{addr}")
+        } else {
+            addr.to_string()
+        }
+    } else if let Some(path) = local.as_pathname() {
+        format!("unix:{}", path.display())
+    } else {
+        "unnamed socket".to_owned()
+    }
+}
+
+/// Validate that `fd` is a listening stream socket (of `addr`'s family,
+/// when given), and make sure it is non-blocking: a runtime needs that, and
+/// it is the only direction in which baton ever changes a shared socket's
+/// flags.
+fn check_listener(fd: BorrowedFd<'_>, addr: Option<&ListenAddr>) -> Result<(), String> {
     let info = sys::socket_info(fd).map_err(|e| format!("not a socket: {e}"))?;
     if info.socket_type != libc::SOCK_STREAM {
         return Err(format!(
@@ -342,11 +561,14 @@ fn check_listener(fd: BorrowedFd<'_>, addr: &ListenAddr) -> Result<(), String> {
             info.socket_type
         ));
     }
-    let (family_ok, wanted) = match addr {
-        ListenAddr::Tcp(_) => (matches!(info.family, libc::AF_INET | libc::AF_INET6), "TCP"),
-        ListenAddr::Unix(_) => (info.family == libc::AF_UNIX, "Unix"),
+    let family = match addr {
+        None => None,
+        Some(ListenAddr::Tcp(_)) => {
+            Some((matches!(info.family, libc::AF_INET | libc::AF_INET6), "TCP"))
+        }
+        Some(ListenAddr::Unix(_)) => Some((info.family == libc::AF_UNIX, "Unix")),
     };
-    if !family_ok {
+    if let Some((false, wanted)) = family {
         return Err(format!("address family {} is not {wanted}", info.family));
     }
     if !info.listening {
@@ -363,6 +585,11 @@ fn check_listener(fd: BorrowedFd<'_>, addr: &ListenAddr) -> Result<(), String> {
 /// True if `fd` is a datagram socket.
 fn is_datagram(fd: BorrowedFd<'_>) -> bool {
     sys::socket_info(fd).is_ok_and(|info| info.socket_type == libc::SOCK_DGRAM)
+}
+
+/// True if `fd` is a stream socket.
+fn is_stream(fd: BorrowedFd<'_>) -> bool {
+    sys::socket_info(fd).is_ok_and(|info| info.socket_type == libc::SOCK_STREAM)
 }
 
 /// Validate that `fd` is a UDP socket of `addr`'s family, and make sure it
@@ -439,16 +666,27 @@ impl ListenAddr {
     /// True if the socket `fd` is bound to this address. Port 0 matches any
     /// port of the same IP: the operator asked for "some port".
     fn matches(&self, fd: BorrowedFd<'_>) -> bool {
+        self.matches_passed(fd, true)
+    }
+
+    /// Like [`matches`](Self::matches); port 0 matches only with
+    /// `wildcard` (a socket found by address whatever its name must be at
+    /// the address asked for, not merely on the same IP). A Unix socket
+    /// bound by [`Listeners::listen_unix_private`] reports the temporary
+    /// path it was bound at before it was renamed into place: that counts.
+    fn matches_passed(&self, fd: BorrowedFd<'_>, wildcard: bool) -> bool {
         let Ok(local) = socket2::SockRef::from(&fd).local_addr() else {
             return false;
         };
         match self {
             ListenAddr::Tcp(want) => match local.as_socket() {
-                Some(have) if want.port() == 0 => have.ip() == want.ip(),
+                Some(have) if want.port() == 0 => wildcard && have.ip() == want.ip(),
                 Some(have) => have == *want,
                 None => false,
             },
-            ListenAddr::Unix(want) => local.as_pathname() == Some(want.as_path()),
+            ListenAddr::Unix(want) => local
+                .as_pathname()
+                .is_some_and(|have| have == want || private::was_bound_for(have, want)),
         }
     }
 
@@ -501,6 +739,25 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Listeners with `sockets` passed by a parent (a baton generation with
+    /// `from_baton`, else systemd).
+    fn passed(from_baton: bool, sockets: Vec<(&str, OwnedFd)>) -> Listeners {
+        Listeners {
+            inherited: Mutex::new(
+                sockets
+                    .into_iter()
+                    .map(|(name, fd)| Inherited {
+                        name: name.to_owned(),
+                        fd,
+                        warned: false,
+                    })
+                    .collect(),
+            ),
+            held: Mutex::default(),
+            from_baton,
+        }
+    }
 
     fn loopback() -> SocketAddr {
         "127.0.0.1:0".parse().unwrap()
@@ -570,13 +827,7 @@ mod tests {
     fn inherited_socket_is_found_by_name_and_checked_by_kind() {
         let listener = std::net::TcpListener::bind(loopback()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let listeners = Listeners {
-            inherited: Mutex::new(vec![Held {
-                name: "http".into(),
-                fd: listener.into(),
-            }]),
-            held: Mutex::default(),
-        };
+        let listeners = passed(true, vec![("http", listener.into())]);
         let dir = std::env::temp_dir().join(format!("baton-kind-{}", std::process::id()));
         let err = listeners
             .listen("http", &ListenAddr::Unix(dir))
@@ -595,13 +846,7 @@ mod tests {
     fn unnamed_inherited_socket_is_matched_by_address() {
         let listener = std::net::TcpListener::bind(loopback()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let listeners = Listeners {
-            inherited: Mutex::new(vec![Held {
-                name: UNNAMED.into(),
-                fd: listener.into(),
-            }]),
-            held: Mutex::default(),
-        };
+        let listeners = passed(true, vec![(UNNAMED, listener.into())]);
         let (adopted, origin) = tcp(&listeners, "http", addr).unwrap();
         assert_eq!(
             (adopted.local_addr().unwrap(), origin),
@@ -612,13 +857,7 @@ mod tests {
     #[test]
     fn inherited_socket_at_another_address_is_replaced() {
         let listener = std::net::TcpListener::bind(loopback()).unwrap();
-        let listeners = Listeners {
-            inherited: Mutex::new(vec![Held {
-                name: "http".into(),
-                fd: listener.into(),
-            }]),
-            held: Mutex::default(),
-        };
+        let listeners = passed(true, vec![("http", listener.into())]);
         let other = std::net::TcpListener::bind(loopback()).unwrap();
         let wanted = other.local_addr().unwrap();
         drop(other);
@@ -633,13 +872,7 @@ mod tests {
     fn a_socket_that_is_not_listening_is_refused() {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         socket.bind(&SockAddr::from(loopback())).unwrap();
-        let listeners = Listeners {
-            inherited: Mutex::new(vec![Held {
-                name: "http".into(),
-                fd: socket.into(),
-            }]),
-            held: Mutex::default(),
-        };
+        let listeners = passed(true, vec![("http", socket.into())]);
         let err = tcp(&listeners, "http", loopback()).unwrap_err();
         assert!(err.to_string().contains("not listening"), "{err}");
     }
@@ -667,19 +900,10 @@ mod tests {
         let udp = std::net::UdpSocket::bind(loopback()).unwrap();
         let addr = udp.local_addr().unwrap();
         let tcp_listener = std::net::TcpListener::bind(loopback()).unwrap();
-        let listeners = Listeners {
-            inherited: Mutex::new(vec![
-                Held {
-                    name: "udp".into(),
-                    fd: udp.into(),
-                },
-                Held {
-                    name: "http".into(),
-                    fd: tcp_listener.into(),
-                },
-            ]),
-            held: Mutex::default(),
-        };
+        let listeners = passed(
+            true,
+            vec![("udp", udp.into()), ("http", tcp_listener.into())],
+        );
         // A stream name is not satisfied by a datagram socket, nor the reverse.
         let err = tcp(&listeners, "udp", addr).unwrap_err();
         assert!(err.to_string().contains("not a stream socket"), "{err}");
@@ -697,13 +921,7 @@ mod tests {
     fn unnamed_sockets_are_matched_by_kind_and_address() {
         let udp = std::net::UdpSocket::bind(loopback()).unwrap();
         let addr = udp.local_addr().unwrap();
-        let listeners = Listeners {
-            inherited: Mutex::new(vec![Held {
-                name: UNNAMED.into(),
-                fd: udp.into(),
-            }]),
-            held: Mutex::default(),
-        };
+        let listeners = passed(true, vec![(UNNAMED, udp.into())]);
         // A TCP listener at the same port does not take the UDP socket.
         let tcp_port_free = std::net::TcpListener::bind(addr).is_ok();
         if tcp_port_free {
@@ -731,5 +949,263 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("another process"), "{err}");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A fresh empty directory for one test.
+    fn test_dir(label: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("baton-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    }
+
+    fn handed_on(listeners: &Listeners) -> Vec<String> {
+        listeners.with_handoff(|sockets| sockets.iter().map(|(n, _)| n.to_string()).collect())
+    }
+
+    #[test]
+    fn passed_socket_is_claimed_by_address_whatever_its_name() {
+        let unit = std::net::TcpListener::bind(loopback()).unwrap();
+        let admin = std::net::TcpListener::bind(loopback()).unwrap();
+        let (unit_addr, admin_addr) = (unit.local_addr().unwrap(), admin.local_addr().unwrap());
+        let listeners = passed(
+            false,
+            vec![("baton-demo.socket", unit.into()), ("admin", admin.into())],
+        );
+        let (http, origin) = tcp(&listeners, "http", unit_addr).unwrap();
+        assert_eq!(
+            (http.local_addr().unwrap(), origin),
+            (unit_addr, Origin::Inherited)
+        );
+        let (other, origin) = tcp(&listeners, "http-1", admin_addr).unwrap();
+        assert_eq!(
+            (other.local_addr().unwrap(), origin),
+            (admin_addr, Origin::Inherited)
+        );
+        // Handed on under the names of the listeners they became.
+        assert_eq!(handed_on(&listeners), ["http", "http-1"]);
+    }
+
+    #[test]
+    fn a_socket_found_by_address_whatever_its_name_must_be_at_that_port() {
+        // Port 0 ("some port") takes an unnamed socket on the same IP, not
+        // one somebody named for another listener.
+        let admin = std::net::TcpListener::bind(loopback()).unwrap();
+        let listeners = passed(true, vec![("admin", admin.into())]);
+        let (_bound, origin) = tcp(&listeners, "http", loopback()).unwrap();
+        assert_eq!(origin, Origin::Bound);
+    }
+
+    #[test]
+    fn lone_unnamed_socket_serves_a_listener_asked_for_elsewhere() {
+        for name in [UNNAMED, "", "app.socket"] {
+            let listener = std::net::TcpListener::bind(loopback()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let listeners = passed(false, vec![(name, listener.into())]);
+            // Asked for a Unix socket: the family need not match either.
+            let dir = test_dir("lone");
+            let asked = ListenAddr::Unix(dir.join("never-bound.sock"));
+            let (socket, origin) = listeners.listen("http", &asked).unwrap();
+            assert_eq!(origin, Origin::Inherited, "{name:?}");
+            match socket {
+                ListenSocket::Tcp(l) => {
+                    assert_eq!(l.local_addr().unwrap(), addr);
+                    assert!(sys::is_nonblocking(l.as_fd()).unwrap());
+                }
+                other => panic!("not the TCP socket passed: {other:?}"),
+            }
+            assert!(!dir.join("never-bound.sock").exists());
+            // Passed on under its own name, so the next generation takes it
+            // by the same rule; reopened under the listener's.
+            let passable = if name.is_empty() { UNNAMED } else { name };
+            assert_eq!(handed_on(&listeners), [passable]);
+            assert!(listeners.reopen("http").is_ok());
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn lone_rule_takes_no_named_socket_and_no_socket_among_several() {
+        let admin = std::net::TcpListener::bind(loopback()).unwrap();
+        let listeners = passed(false, vec![("admin", admin.into())]);
+        let (_bound, origin) = tcp(&listeners, "http", loopback()).unwrap();
+        assert_eq!(origin, Origin::Bound, "an explicit name is never taken");
+
+        let one = std::net::TcpListener::bind(loopback()).unwrap();
+        let two = std::net::TcpListener::bind(loopback()).unwrap();
+        let listeners = passed(false, vec![(UNNAMED, one.into()), (UNNAMED, two.into())]);
+        let dir = test_dir("several");
+        let asked = ListenAddr::Unix(dir.join("api.sock"));
+        let (_bound, origin) = listeners.listen("api", &asked).unwrap();
+        assert_eq!(origin, Origin::Bound, "two unclaimed sockets: none is lone");
+        std::fs::remove_dir_all(dir).unwrap();
+
+        // Nor does a private listener (a control socket) take a lone socket.
+        let lone = std::net::TcpListener::bind(loopback()).unwrap();
+        let listeners = passed(false, vec![(UNNAMED, lone.into())]);
+        let dir = test_dir("lone-private");
+        let (_bound, origin) = listeners
+            .listen_unix_private("control", &dir.join("c.sock"), 0o600)
+            .unwrap();
+        assert_eq!(origin, Origin::Bound);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn lone_socket_must_be_listening() {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.bind(&SockAddr::from(loopback())).unwrap();
+        let listeners = passed(false, vec![(UNNAMED, socket.into())]);
+        let err = tcp(&listeners, "http", "127.0.0.1:1".parse().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("not listening"), "{err}");
+    }
+
+    #[test]
+    fn unclaimed_systemd_sockets_are_kept_and_handed_on() {
+        let http = std::net::TcpListener::bind(loopback()).unwrap();
+        let admin = std::net::TcpListener::bind(loopback()).unwrap();
+        let spare = std::net::TcpListener::bind(loopback()).unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let listeners = passed(
+            false,
+            vec![
+                ("http", http.into()),
+                ("admin", admin.into()),
+                (UNNAMED, spare.into()),
+            ],
+        );
+        tcp(&listeners, "http", http_addr).unwrap();
+        assert!(listeners.close_unclaimed().is_empty(), "none closed");
+        assert!(lock(&listeners.inherited).iter().all(|p| p.warned));
+        assert!(listeners.close_unclaimed().is_empty(), "still none");
+        assert_eq!(handed_on(&listeners), ["http", "admin", UNNAMED]);
+        // Still claimable later, by name.
+        let (_admin, origin) = tcp(&listeners, "admin", loopback()).unwrap();
+        assert_eq!(origin, Origin::Inherited);
+        listeners.close_held();
+        assert!(handed_on(&listeners).is_empty());
+    }
+
+    #[test]
+    fn unclaimed_named_sockets_from_a_baton_parent_are_closed() {
+        let removed = std::net::TcpListener::bind(loopback()).unwrap();
+        let spare = std::net::TcpListener::bind(loopback()).unwrap();
+        let unit = std::net::TcpListener::bind(loopback()).unwrap();
+        let listeners = passed(
+            true,
+            vec![
+                ("admin", removed.into()),
+                (UNNAMED, spare.into()),
+                ("app.socket", unit.into()),
+            ],
+        );
+        assert_eq!(listeners.close_unclaimed(), ["admin"]);
+        assert_eq!(handed_on(&listeners), [UNNAMED, "app.socket"]);
+        // What cannot travel in LISTEN_FDNAMES goes on as unnamed.
+        let empty = std::net::TcpListener::bind(loopback()).unwrap();
+        let listeners = passed(false, vec![("", empty.into())]);
+        assert!(listeners.close_unclaimed().is_empty());
+        assert_eq!(handed_on(&listeners), [UNNAMED]);
+    }
+
+    #[test]
+    fn reopen_makes_tcp_unix_and_udp_sockets_nonblocking_again() {
+        let listeners = Listeners::default();
+        let (first, _) = tcp(&listeners, "http", loopback()).unwrap();
+        // The successor shares the open file description and cleared it.
+        first.set_nonblocking(false).unwrap();
+        match listeners.reopen("http").unwrap() {
+            ListenSocket::Tcp(again) => assert!(sys::is_nonblocking(again.as_fd()).unwrap()),
+            other => panic!("not TCP: {other:?}"),
+        }
+        assert!(sys::is_nonblocking(first.as_fd()).unwrap(), "shared");
+
+        let dir = test_dir("reopen");
+        let (unix, _) = listeners
+            .listen("api", &ListenAddr::Unix(dir.join("api.sock")))
+            .unwrap();
+        let ListenSocket::Unix(unix) = unix else {
+            panic!("not Unix")
+        };
+        unix.set_nonblocking(false).unwrap();
+        match listeners.reopen("api").unwrap() {
+            ListenSocket::Unix(again) => assert!(sys::is_nonblocking(again.as_fd()).unwrap()),
+            other => panic!("not Unix: {other:?}"),
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+
+        let (udp, _) = listeners.datagram("udp", loopback()).unwrap();
+        udp.set_nonblocking(false).unwrap();
+        let again = listeners.reopen_datagram("udp").unwrap();
+        assert!(sys::is_nonblocking(again.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn private_unix_listener_has_its_mode_from_the_start() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let dir = test_dir("private");
+        let path = dir.join("control.sock");
+        drop(UnixListener::bind(&path).unwrap()); // a stale file, replaced
+        let listeners = Listeners::default();
+        let (socket, origin) = listeners
+            .listen_unix_private("control", &path, 0o600)
+            .unwrap();
+        assert_eq!(origin, Origin::Bound);
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        let ListenSocket::Unix(socket) = socket else {
+            panic!("not Unix")
+        };
+        assert!(sys::is_nonblocking(socket.as_fd()).unwrap());
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["control.sock"], "no temporary directory left");
+        // A live one is not replaced.
+        let err = Listeners::default()
+            .listen_unix_private("control", &path, 0o600)
+            .unwrap_err();
+        assert!(err.to_string().contains("another process"), "{err}");
+        // The next generation finds it by name at its path, though it was
+        // bound under another one.
+        let next = passed(true, vec![("control", socket.into())]);
+        let (_again, origin) = next.listen_unix_private("control", &path, 0o600).unwrap();
+        assert_eq!(origin, Origin::Inherited);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn private_unix_listener_never_follows_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = test_dir("symlink");
+        let target = dir.join("precious");
+        std::fs::write(&target, "keep me").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = dir.join("control.sock");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = Listeners::default()
+            .listen_unix_private("control", &path, 0o600)
+            .unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+        // A regular file is not replaced either.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "not a socket").unwrap();
+        let err = Listeners::default()
+            .listen_unix_private("control", &path, 0o600)
+            .unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        let left = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(left, 2, "no temporary directory left");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
