@@ -284,27 +284,19 @@ impl Generation {
         Ok((handoff(socket, name, &addr.to_string())?, origin))
     }
 
-    /// Like [`listen`](Self::listen), for a socket only this user may
-    /// reach: a Unix socket is created with mode 0600 (the control socket).
+    /// The Unix listener `name` at `path`, reachable only by this user: a
+    /// new socket is created with mode 0600 from the start (never a window
+    /// with wider permissions) and a symlink at `path` is refused, never
+    /// followed. For the control socket.
     pub fn listen_private<L: ListenerHandoff>(
         &self,
         name: &str,
-        addr: &ListenAddr,
+        path: &Path,
     ) -> Result<(L, Origin), Error> {
-        let (socket, origin) = self.listeners.listen(name, addr)?;
-        if let (ListenAddr::Unix(path), Origin::Bound) = (addr, origin) {
-            // TODO(lead): bind with the final mode (listeners.rs, issue 12 item 14).
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-                |source| Error::Listen {
-                    name: name.to_owned(),
-                    addr: addr.to_string(),
-                    source,
-                },
-            )?;
-        }
-        log_listening(&socket, name, addr, origin);
-        Ok((handoff(socket, name, &addr.to_string())?, origin))
+        let (socket, origin) = self.listeners.listen_unix_private(name, path, 0o600)?;
+        let addr = format!("unix:{}", path.display());
+        log::info!("listening on {addr} ({name}, {})", origin_word(origin));
+        Ok((handoff(socket, name, &addr)?, origin))
     }
 
     /// The UDP socket `name`: inherited if the parent passed it (it must be
@@ -495,12 +487,16 @@ fn log_listening(socket: &ListenSocket, name: &str, addr: &ListenAddr, origin: O
             format!("unix:{}", path.unwrap_or_default())
         }),
     };
-    let origin = match origin {
+    let local = local.unwrap_or_else(|_| addr.to_string());
+    log::info!("listening on {local} ({name}, {})", origin_word(origin));
+}
+
+/// How the log says where a socket came from.
+pub(crate) fn origin_word(origin: Origin) -> &'static str {
+    match origin {
         Origin::Inherited => "inherited",
         Origin::Bound => "bound",
-    };
-    let local = local.unwrap_or_else(|_| addr.to_string());
-    log::info!("listening on {local} ({name}, {origin})");
+    }
 }
 
 /// Turn `socket` into the runtime's listener type, naming it in the error.

@@ -129,7 +129,10 @@ impl<R: Runtime, L: Accept> Server<R, L> {
         match self.lifecycle.generation().datagram(name, addr) {
             Ok((socket, origin)) => {
                 let local = socket.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
-                log::info!("listening on udp:{local} ({name}, {})", origin_word(origin));
+                log::info!(
+                    "listening on udp:{local} ({name}, {})",
+                    crate::generation::origin_word(origin)
+                );
                 let task: DatagramTask = Arc::new(move |socket, stop| Box::pin(task(socket, stop)));
                 self.datagram_tasks.push((name.to_owned(), task.clone()));
                 self.datagrams.push((socket, task));
@@ -173,13 +176,12 @@ impl<R: Runtime, L: Accept> Server<R, L> {
     }
 
     fn open_control(&mut self, path: &std::path::Path) -> Result<UnixListener, Error> {
-        let addr = ListenAddr::Unix(path.to_owned());
         let generation = self.lifecycle.generation();
-        match generation.listen_private::<ListenSocket>(control::LISTENER_NAME, &addr) {
+        match generation.listen_private::<ListenSocket>(control::LISTENER_NAME, path) {
             Ok((ListenSocket::Unix(listener), _origin)) => Ok(listener),
             Ok(_) => Err(self.fail(Error::Listen {
                 name: control::LISTENER_NAME.to_owned(),
-                addr: addr.to_string(),
+                addr: format!("unix:{}", path.display()),
                 source: io::Error::other("not a Unix stream socket"),
             })),
             Err(e) => Err(self.fail(e)),
@@ -380,12 +382,6 @@ impl Handle {
     }
 }
 
-fn origin_word(origin: Origin) -> &'static str {
-    match origin {
-        Origin::Inherited => "inherited",
-        Origin::Bound => "bound",
-    }
-}
 
 /// Resolve with the first of `futures` to resolve.
 async fn first_of<T>(mut futures: Vec<BoxFuture<'_, T>>) -> T {
