@@ -190,7 +190,6 @@ impl Listeners {
     /// with its final permissions from the start: there is no moment at
     /// which it exists at `path` with wider ones, and a symbolic link at
     /// `path` is an error, never followed. A stale socket file is replaced.
-    #[allow(dead_code)] // until `Generation` exposes it for the control socket
     pub(crate) fn listen_unix_private(
         &self,
         name: &str,
