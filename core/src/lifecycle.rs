@@ -139,6 +139,10 @@ pub enum Event {
     /// Stop accepting: end the accept loops and drop their listeners. The
     /// stop token has stopped; connections drain.
     StopAccepting(StopReason),
+    /// The idle grace after the stop passed: close connections that wait
+    /// for their next request ([`crate::Tracker::closing_idle`] says the
+    /// same to futures).
+    CloseIdle,
     /// The drain deadline passed: close every connection now.
     ForceClose,
     /// The successor died while this generation drained: serve again,
@@ -205,6 +209,8 @@ pub struct Lifecycle {
     started: Instant,
     last_upgrade: Option<Result<Upgraded, String>>,
     exited: bool,
+    /// Changes whenever the set of [`watched`](Lifecycle::watched) fds does.
+    epoch: u64,
 }
 
 impl Lifecycle {
@@ -222,6 +228,7 @@ impl Lifecycle {
             started: Instant::now(),
             last_upgrade: None,
             exited: false,
+            epoch: 0,
         }
     }
 
@@ -230,6 +237,7 @@ impl Lifecycle {
     pub fn handle_signals(&mut self) -> std::io::Result<()> {
         if self.signals.is_none() {
             self.signals = Some(crate::signals::SignalPipes::install()?);
+            self.epoch += 1;
         }
         Ok(())
     }
@@ -250,6 +258,14 @@ impl Lifecycle {
     /// has not resumed.
     pub fn is_stopping(&self) -> bool {
         self.drain.is_some() || self.generation.stop_token().is_stopped()
+    }
+
+    /// A number that changes whenever the set of [`watched`](Self::watched)
+    /// fds changes: a reactor that registers them once (mio) registers them
+    /// again then. An fd number alone cannot tell, since a closed fd's number
+    /// is reused by the next one opened.
+    pub fn watch_epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The fds to watch now; the set changes as upgrades start and end.
@@ -387,6 +403,7 @@ impl Lifecycle {
         match started {
             Ok(pending) => {
                 log::info!("upgrade started: new process {}", pending.pid());
+                self.epoch += 1;
                 self.upgrade = Some(Upgrade {
                     pending,
                     replies: reply.into_iter().collect(),
@@ -427,6 +444,7 @@ impl Lifecycle {
         replies: Vec<ReplyTo>,
         now: Instant,
     ) {
+        self.epoch += 1;
         let answer = match result {
             Ok(upgraded) => {
                 log::info!("upgrade done: {upgraded}");
@@ -466,6 +484,7 @@ impl Lifecycle {
         self.stop_requested = true;
         log::info!("stopping: {why}");
         if let Some(upgrade) = self.upgrade.take() {
+            self.epoch += 1;
             // Dropping it kills the new process (reaped without blocking).
             drop(upgrade.pending);
             log::info!("upgrade abandoned: the server is stopping");
@@ -501,6 +520,7 @@ impl Lifecycle {
         } else {
             now
         };
+        self.epoch += 1;
         log::info!(
             "draining {} connections",
             self.generation.tracker().open()
@@ -540,6 +560,7 @@ impl Lifecycle {
         }
         if drain.close_idle_at.is_some_and(|at| at <= now) {
             self.generation.tracker().close_idle();
+            self.events.push_back(Event::CloseIdle);
             if let Some(drain) = self.drain.as_mut() {
                 drain.close_idle_at = None;
             }
@@ -561,6 +582,7 @@ impl Lifecycle {
             log::info!("drained: {report}");
             log::info!("exit");
             self.drain = None;
+            self.epoch += 1;
             self.exited = true;
             self.events.push_back(Event::Exit(report));
         }
@@ -598,6 +620,7 @@ impl Lifecycle {
     fn end_watch(&mut self, now: Instant) {
         if let Some(drain) = self.drain.as_mut() {
             drain.successor = None;
+            self.epoch += 1;
         }
         self.advance_drain(now);
     }
@@ -607,6 +630,7 @@ impl Lifecycle {
             "resumed: new generation {pid} ended ({status}) while this one drained; serving again"
         );
         self.drain = None;
+        self.epoch += 1;
         self.generation.resume(status);
         self.events.push_back(Event::Resume);
     }
