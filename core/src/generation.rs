@@ -34,14 +34,16 @@ impl SuccessorWatch {
     /// What has become of the successor, without waiting (an ended one is
     /// reaped here). Call it when the watch fd is readable.
     pub fn check(&self) -> Result<Successor, Error> {
-        Ok(match sys::try_reap(self.pid).map_err(Error::Watch)? {
-            None => Successor::Running,
-            // Exit status 0 is deliberate: it handed over to its own
-            // successor, or was stopped. Serving again would leave this
-            // process serving beside the newest generation.
-            Some(ExitStatus::Exited(0)) => Successor::Exited,
-            Some(status) => Successor::Failed(status),
-        })
+        Ok(
+            match sys::try_wait_pidfd(self.fd.as_fd()).map_err(Error::Watch)? {
+                None => Successor::Running,
+                // Exit status 0 is deliberate: it handed over to its own
+                // successor, or was stopped. Serving again would leave this
+                // process serving beside the newest generation.
+                Some(ExitStatus::Exited(0)) => Successor::Exited,
+                Some(status) => Successor::Failed(status),
+            },
+        )
     }
 }
 
@@ -325,7 +327,13 @@ impl Generation {
         let Some(pid) = *lock(&self.successor) else {
             return Ok(None);
         };
-        let fd = sys::pidfd_open(pid).map_err(Error::Watch)?;
+        // The pidfd from the spawn: it names the child even if its pid was
+        // reaped and reused meanwhile. Opened from the pid only as a fallback.
+        let fd = match self.upgrader.take_successor() {
+            Some(child) if child.pid() == pid => child.into_pidfd(),
+            _ => sys::pidfd_open(pid),
+        }
+        .map_err(Error::Watch)?;
         Ok(Some(SuccessorWatch { pid, fd }))
     }
 
