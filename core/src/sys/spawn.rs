@@ -71,6 +71,18 @@ const PID_SLOT_LEN: usize = PID_VAR.len() + 21;
 /// own frames, like glibc's `posix_spawn`.
 const CHILD_STACK: usize = 64 * 1024;
 
+/// The kernel's `struct sigaction` (x86_64, aarch64 and other 64-bit
+/// ABIs with a 64-signal set); all zero is `SIG_DFL`. An ABI that reads
+/// fewer fields reads zeros too.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
 /// Everything the child reads, by raw pointer: it runs on another stack,
 /// possibly in the same memory, while the parent's references are frozen.
 struct ChildArgs {
@@ -258,16 +270,29 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 
     // A clean slate for the next program: every disposition back to
     // SIG_DFL (an ignored SIGCHLD or SIGPIPE would otherwise cross exec, a
-    // handler could run here before it), then an empty mask. glibc refuses
-    // its two internal signals (32, 33) and SIGKILL/SIGSTOP: nobody sends
-    // those to this pid before exec, and exec resets handlers anyway.
-    // SAFETY: sigaction/sigemptyset/sigprocmask are async-signal-safe; the
-    // structs are zeroed locals on our stack (zero is SIG_DFL, no flags).
+    // handler could run here before it), then an empty mask. The raw
+    // syscall, because glibc's sigaction refuses its internal signals (32,
+    // 33), which can be ignored too; glibc's for the rare ABI where the
+    // kernel's struct differs. SIGKILL and SIGSTOP cannot be changed.
+    let kernel_default = KernelSigaction::default();
+    // SAFETY: rt_sigaction, sigaction, sigemptyset and sigprocmask are
+    // async-signal-safe; every struct is a local on our stack, all zero
+    // (SIG_DFL, no flags, empty mask).
     unsafe {
         let mut default: libc::sigaction = std::mem::zeroed();
         default.sa_sigaction = libc::SIG_DFL;
         for signal in 1..=args.max_signal {
-            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                continue;
+            }
+            let res = libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &kernel_default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                std::mem::size_of::<u64>(),
+            );
+            if res != 0 {
                 libc::sigaction(signal, &default, std::ptr::null_mut());
             }
         }
