@@ -342,6 +342,13 @@ impl PendingUpgrade {
             .try_clone_to_owned()
             .and_then(Async::new_nonblocking)
             .map_err(io_error)?;
+        // The child's pidfd: a child that died without a report settles
+        // when it has ended, which EOF alone does not tell.
+        let exit: Option<Async<OwnedFd>> = pending
+            .exit_fd()
+            .map(|fd| fd.try_clone_to_owned().and_then(Async::new))
+            .transpose()
+            .map_err(io_error)?;
         let deadline = pending.deadline();
         let stop = generation.stop_token().clone();
         let outcome = {
@@ -350,7 +357,18 @@ impl PendingUpgrade {
                     if let Poll::Ready(result) = pending.poll() {
                         return Outcome::Report(result);
                     }
-                    if let Err(e) = watch.readable().await {
+                    let retry = pending.retry_at();
+                    let exited = async {
+                        match (&exit, retry) {
+                            (Some(exit), _) => exit.readable().await,
+                            (None, Some(at)) => {
+                                Timer::at(at).await;
+                                Ok(())
+                            }
+                            (None, None) => future::pending().await,
+                        }
+                    };
+                    if let Err(e) = future::or(watch.readable(), exited).await {
                         return Outcome::Report(Err(io_error(e)));
                     }
                 }

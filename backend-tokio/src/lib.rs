@@ -323,9 +323,23 @@ impl PendingUpgrade {
         // file description), and the core reads the report from its own fd.
         let watch = pending.as_fd().try_clone_to_owned().map_err(io_error)?;
         let watch = Receiver::from_owned_fd(watch).map_err(io_error)?;
+        // A child that died without a report settles once it has ended,
+        // which EOF alone does not tell: SIGCHLD wakes the loop for that
+        // (subscribed before the first poll, so no exit is missed).
+        let mut child_signals = signal(SignalKind::child()).map_err(io_error)?;
         let report = async {
             loop {
-                watch.readable().await.map_err(io_error)?;
+                let retry = pending.retry_at();
+                tokio::select! {
+                    ready = watch.readable() => ready.map_err(io_error)?,
+                    _ = child_signals.recv() => {}
+                    () = async {
+                        match retry {
+                            Some(at) => tokio::time::sleep_until(at.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                }
                 // try_io clears tokio's readiness when the core hit WouldBlock.
                 match watch.try_io(|| match pending.poll() {
                     Poll::Ready(result) => Ok(result),

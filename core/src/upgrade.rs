@@ -283,6 +283,7 @@ impl Upgrader {
             child: Some(child),
             method,
             exiting: false,
+            retry_at: None,
             reaper: self.reaper.clone(),
             successor: self.successor.clone(),
             generation,
@@ -329,6 +330,8 @@ pub struct PendingUpgrade {
     method: SpawnMethod,
     /// EOF without a report: the child is dying, its status is awaited.
     exiting: bool,
+    /// Without a pidfd, when a dying child's status is looked for again.
+    retry_at: Option<Instant>,
     reaper: Arc<Mutex<Vec<Child>>>,
     successor: Arc<Mutex<Option<Child>>>,
     generation: u64,
@@ -372,12 +375,11 @@ impl PendingUpgrade {
     }
 
     /// Without an exit fd, when to call [`poll`](Self::poll) again: `Some`
-    /// only while the child closed its readiness fd and its exit status is
-    /// awaited, a short while from now.
+    /// (10 ms after the last `poll`) only while the child closed its
+    /// readiness fd and its exit status is awaited. With a pidfd, `None`:
+    /// the exit fd says when.
     pub fn retry_at(&self) -> Option<Instant> {
-        let waiting = self.exiting && !self.settled;
-        let no_pidfd = self.child.as_ref().is_some_and(|c| c.pidfd().is_none());
-        (waiting && no_pidfd).then(|| Instant::now() + EXIT_RETRY)
+        self.retry_at.filter(|_| !self.settled)
     }
 
     /// Read what the child reported so far, and whether it has ended,
@@ -428,7 +430,11 @@ impl PendingUpgrade {
             return Poll::Pending;
         };
         match child.try_wait() {
-            Ok(None) => Poll::Pending,
+            Ok(None) => {
+                self.retry_at =
+                    (self.exiting && child.pidfd().is_none()).then(|| Instant::now() + EXIT_RETRY);
+                Poll::Pending
+            }
             Ok(Some(status)) => {
                 self.child = None;
                 if !self.report.is_empty() {
@@ -909,6 +915,44 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn without_a_pidfd_a_dying_child_is_polled_on_retry_at() {
+        // As on a kernel before 5.3: the child's pid only.
+        let path = script("close-nopidfd.sh", "exec 3>&-\nexec sleep 30");
+        let mut pending = upgrader(&path, Duration::from_secs(10)).start(&[]).unwrap();
+        let pid = pending.pid();
+        pending.child = Some(Child::new(pid, None));
+        assert!(pending.exit_fd().is_none());
+        assert_eq!(pending.retry_at(), None, "nothing to retry before EOF");
+        // The test's own pidfd stands in for the driver's timer.
+        let watch = sys::pidfd_open(pid).unwrap();
+        let mut outcome = None;
+        for _ in 0..1000 {
+            if let Poll::Ready(result) = pending.poll() {
+                outcome = Some(result);
+                break;
+            }
+            if pending.exiting {
+                assert!(pending.retry_at().is_some(), "dying, no pidfd: retry");
+            }
+            let fds = [pending.as_fd(), watch.as_fd()];
+            let fd = if pending.exiting { fds[1] } else { fds[0] };
+            sys::wait_readable(fd, Duration::from_secs(1)).unwrap();
+        }
+        let err = outcome.expect("settled").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UpgradeError::ChildExited {
+                    status: ExitStatus::Signaled(libc::SIGKILL),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(pending.retry_at(), None, "settled: no retry");
     }
 
     #[test]
