@@ -627,6 +627,9 @@ impl Baton {
         }
         self.expire(Instant::now());
         self.check_stop();
+        // Killed children of failed upgrades, reaped without waiting (on
+        // the next event: the lifecycle will add a timer).
+        self.generation.reap_exited();
     }
 
     /// The next event, if any. Drain it after every

@@ -297,6 +297,11 @@ async fn finishes_within(timeout: Duration, work: impl Future<Output = ()>) -> b
     future::or(work, timer).await
 }
 
+/// How often, and how many times, a killed child is looked for after a
+/// failed upgrade.
+const REAP_INTERVAL: Duration = Duration::from_millis(10);
+const REAP_ROUNDS: usize = 500;
+
 /// A next generation that was started and has not reported yet.
 #[derive(Debug)]
 #[must_use = "dropping a pending upgrade kills the new process"]
@@ -392,6 +397,15 @@ impl PendingUpgrade {
             }
             Outcome::TimedOut => Err(pending.time_out()),
         };
+        // The killed child is not waited for; reap it here, on a timer,
+        // without blocking the executor (bounded: a straggler is reaped at
+        // the next upgrade).
+        for _ in 0..REAP_ROUNDS {
+            if generation.reap_exited() == 0 {
+                break;
+            }
+            Timer::after(REAP_INTERVAL).await;
+        }
         // Tell systemd either way (`MAINPID=`, or `READY=1` with the reason).
         match &result {
             Ok(upgraded) => generation.upgraded(upgraded),

@@ -278,6 +278,11 @@ pub enum DrainOutcome {
     },
 }
 
+/// How often, and how many times, a killed child is looked for after a
+/// failed upgrade.
+const REAP_INTERVAL: Duration = Duration::from_millis(10);
+const REAP_ROUNDS: usize = 500;
+
 /// A next generation that was started and has not reported yet.
 #[derive(Debug)]
 #[must_use = "dropping a pending upgrade kills the new process"]
@@ -304,6 +309,15 @@ impl PendingUpgrade {
     pub async fn ready(self) -> Result<Upgraded, UpgradeError> {
         let generation = self.generation.clone();
         let result = self.wait().await;
+        // The killed child is not waited for; reap it here, on a timer,
+        // without blocking the runtime (bounded: a straggler is reaped at
+        // the next upgrade).
+        for _ in 0..REAP_ROUNDS {
+            if generation.reap_exited() == 0 {
+                break;
+            }
+            tokio::time::sleep(REAP_INTERVAL).await;
+        }
         match &result {
             Ok(upgraded) => generation.upgraded(upgraded),
             Err(e) => generation.upgrade_failed(e),

@@ -366,6 +366,13 @@ impl Generation {
         handoff(self.listeners.reopen(name)?, name, "(held)")
     }
 
+    /// Reap killed children of failed upgrades that have ended, without
+    /// waiting; returns how many are left. Call it on every turn of the
+    /// event loop, and on a short timer while it is non-zero.
+    pub fn reap_exited(&self) -> usize {
+        self.upgrader.reap_exited()
+    }
+
     /// Record that an upgrade failed and this generation serves on.
     pub fn upgrade_failed(&self, error: &UpgradeError) {
         if !matches!(

@@ -278,8 +278,10 @@ impl Upgrader {
             "started {} as pid {pid}, generation {generation} (spawned with {method})",
             self.program.display()
         );
+        let exit = child.pidfd().and_then(|fd| fd.try_clone_to_owned().ok());
         Ok(PendingUpgrade {
             pid,
+            exit,
             child: Some(child),
             method,
             exiting: false,
@@ -327,6 +329,9 @@ pub struct PendingUpgrade {
     pid: u32,
     /// `None` once reaped or handed on (to the reaper, or as the successor).
     child: Option<Child>,
+    /// A duplicate of the child's pidfd, kept until drop so that a driver
+    /// can deregister what it registered, even after the child moved on.
+    exit: Option<OwnedFd>,
     method: SpawnMethod,
     /// EOF without a report: the child is dying, its status is awaited.
     exiting: bool,
@@ -368,10 +373,11 @@ impl PendingUpgrade {
 
     /// The child's pidfd, readable once it has exited: register it next to
     /// the readiness fd and call [`poll`](Self::poll) when either is
-    /// readable. `None` on kernels without pidfds (see
-    /// [`retry_at`](Self::retry_at)), and once the upgrade has settled.
+    /// readable. The same fd until this value is dropped (deregister it
+    /// then); `None` on kernels without pidfds (see
+    /// [`retry_at`](Self::retry_at)).
     pub fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.child.as_ref().and_then(Child::pidfd)
+        self.exit.as_ref().map(AsFd::as_fd)
     }
 
     /// Without an exit fd, when to call [`poll`](Self::poll) again: `Some`
@@ -432,7 +438,7 @@ impl PendingUpgrade {
         match child.try_wait() {
             Ok(None) => {
                 self.retry_at =
-                    (self.exiting && child.pidfd().is_none()).then(|| Instant::now() + EXIT_RETRY);
+                    (self.exiting && self.exit.is_none()).then(|| Instant::now() + EXIT_RETRY);
                 Poll::Pending
             }
             Ok(Some(status)) => {
@@ -924,6 +930,7 @@ mod tests {
         let mut pending = upgrader(&path, Duration::from_secs(10)).start(&[]).unwrap();
         let pid = pending.pid();
         pending.child = Some(Child::new(pid, None));
+        pending.exit = None;
         assert!(pending.exit_fd().is_none());
         assert_eq!(pending.retry_at(), None, "nothing to retry before EOF");
         // The test's own pidfd stands in for the driver's timer.
