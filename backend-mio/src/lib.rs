@@ -465,6 +465,21 @@ impl Baton {
                 Interest::READABLE,
             )
             .map_err(|source| UpgradeError::Io { pid, source })?;
+        // The child's pidfd, same token: a child that died without a
+        // report settles once it has ended, which EOF alone does not tell.
+        if let Some(exit) = pending.exit_fd() {
+            let registered = self.registry.register(
+                &mut SourceFd(&exit.as_raw_fd()),
+                self.token(UPGRADE),
+                Interest::READABLE,
+            );
+            if let Err(source) = registered {
+                let _ = self
+                    .registry
+                    .deregister(&mut SourceFd(&pending.as_raw_fd()));
+                return Err(UpgradeError::Io { pid, source });
+            }
+        }
         self.upgrade = Some(pending);
         Ok(pid)
     }
@@ -573,7 +588,8 @@ impl Baton {
             .listeners
             .iter()
             .filter_map(|slot| slot.paused_until)
-            .chain(self.upgrade.as_ref().map(PendingUpgrade::deadline));
+            .chain(self.upgrade.as_ref().map(PendingUpgrade::deadline))
+            .chain(self.upgrade.as_ref().and_then(PendingUpgrade::retry_at));
         let next = deadlines
             .into_iter()
             .flatten()
@@ -611,6 +627,9 @@ impl Baton {
         }
         self.expire(Instant::now());
         self.check_stop();
+        // Killed children of failed upgrades, reaped without waiting (on
+        // the next event: the lifecycle will add a timer).
+        self.generation.reap_exited();
     }
 
     /// The next event, if any. Drain it after every
@@ -697,6 +716,9 @@ impl Baton {
         let _ = self
             .registry
             .deregister(&mut SourceFd(&pending.as_raw_fd()));
+        if let Some(exit) = pending.exit_fd() {
+            let _ = self.registry.deregister(&mut SourceFd(&exit.as_raw_fd()));
+        }
         Some(pending)
     }
 
@@ -709,6 +731,14 @@ impl Baton {
             if let Some(pending) = self.end_upgrade() {
                 self.settle_upgrade(Err(pending.time_out()));
             }
+        } else if self
+            .upgrade
+            .as_ref()
+            .and_then(PendingUpgrade::retry_at)
+            .is_some_and(|at| at <= now)
+        {
+            // No pidfd: the dying child's exit is polled on a timer.
+            self.poll_upgrade();
         }
         for index in 0..self.listeners.len() {
             let slot = &mut self.listeners[index];

@@ -35,14 +35,16 @@ impl SuccessorWatch {
     /// What has become of the successor, without waiting (an ended one is
     /// reaped here). Call it when the watch fd is readable.
     pub fn check(&self) -> Result<Successor, Error> {
-        Ok(match sys::try_reap(self.pid).map_err(Error::Watch)? {
-            None => Successor::Running,
-            // Exit status 0 is deliberate: it handed over to its own
-            // successor, or was stopped. Serving again would leave this
-            // process serving beside the newest generation.
-            Some(ExitStatus::Exited(0)) => Successor::Exited,
-            Some(status) => Successor::Failed(status),
-        })
+        Ok(
+            match sys::try_wait_pidfd(self.fd.as_fd()).map_err(Error::Watch)? {
+                None => Successor::Running,
+                // Exit status 0 is deliberate: it handed over to its own
+                // successor, or was stopped. Serving again would leave this
+                // process serving beside the newest generation.
+                Some(ExitStatus::Exited(0)) => Successor::Exited,
+                Some(status) => Successor::Failed(status),
+            },
+        )
     }
 }
 
@@ -409,7 +411,13 @@ impl Generation {
         let Some(pid) = *lock(&self.successor) else {
             return Ok(None);
         };
-        let fd = sys::pidfd_open(pid).map_err(Error::Watch)?;
+        // The pidfd from the spawn: it names the child even if its pid was
+        // reaped and reused meanwhile. Opened from the pid only as a fallback.
+        let fd = match self.upgrader.take_successor() {
+            Some(child) if child.pid() == pid => child.into_pidfd(),
+            _ => sys::pidfd_open(pid),
+        }
+        .map_err(Error::Watch)?;
         Ok(Some(SuccessorWatch { pid, fd }))
     }
 
@@ -440,6 +448,13 @@ impl Generation {
     /// accept again after [`resume`](Self::resume).
     pub fn reopen<L: ListenerHandoff>(&self, name: &str) -> Result<L, Error> {
         handoff(self.listeners.reopen(name)?, name, "(held)")
+    }
+
+    /// Reap killed children of failed upgrades that have ended, without
+    /// waiting; returns how many are left. Call it on every turn of the
+    /// event loop, and on a short timer while it is non-zero.
+    pub fn reap_exited(&self) -> usize {
+        self.upgrader.reap_exited()
     }
 
     /// Record that an upgrade failed and this generation serves on.

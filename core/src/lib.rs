@@ -53,6 +53,7 @@ pub mod upgrade;
 
 mod error;
 mod generation;
+mod limits;
 mod listeners;
 pub mod logger;
 mod signals;
@@ -75,8 +76,9 @@ pub fn peer_uid(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
     sys::peer_uid(fd)
 }
 pub use generation::{current_program, Config, Generation, Successor, SuccessorWatch};
+pub use limits::{raise_fd_limit, FdLimit};
 pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
 pub use stop::{StopReason, StopToken};
-pub use sys::ExitStatus;
+pub use sys::{ExitStatus, SpawnMethod};
 pub use tracker::{Connection, DrainReport, Tracker};
 pub use upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader};

@@ -1,12 +1,32 @@
 //! The upgrade state machine: start the next generation, wait for its report,
-//! and on any failure before "ready" kill and reap it so the old process
-//! serves on.
+//! and on any failure before "ready" kill it so the old process serves on.
 //!
-//! It is sans-IO in the sense of quinn-proto: [`Upgrader::start`] forks and
-//! execs (syscalls that never block) and returns a [`PendingUpgrade`] whose
-//! readiness fd the backend registers in its own reactor; on each wake-up the
-//! backend calls [`PendingUpgrade::poll`], and at [`PendingUpgrade::deadline`]
-//! it calls [`PendingUpgrade::time_out`].
+//! It is sans-IO in the sense of quinn-proto: [`Upgrader::start`] spawns
+//! (syscalls that never block) and returns a [`PendingUpgrade`]. Nothing
+//! here ever waits for the child, so the event loop that drives it keeps
+//! serving while a killed child takes its time to die. The driver:
+//!
+//! - registers the readiness fd ([`AsFd`]) and, where there is one, the
+//!   exit fd ([`PendingUpgrade::exit_fd`], the child's pidfd), and calls
+//!   [`PendingUpgrade::poll`] whenever either is readable;
+//! - without an exit fd (kernels before 5.3), also calls `poll` at
+//!   [`PendingUpgrade::retry_at`] while that is `Some`;
+//! - calls [`PendingUpgrade::time_out`] at [`PendingUpgrade::deadline`];
+//! - calls [`Upgrader::reap_exited`] on every turn, and on a short timer
+//!   while it returns non-zero: killed children that had not ended yet wait
+//!   there to be reaped.
+//!
+//! # Children and the application
+//!
+//! Baton waits for its children by pidfd (`waitid(P_PIDFD)`) and signals
+//! them by pidfd (`pidfd_send_signal`), so a pid reused by an unrelated
+//! process is never signalled, even if the application reaped the child
+//! behind baton's back. An application must still not reap baton's
+//! children itself: neither `waitpid(-1, …)` / `wait()` in a loop nor
+//! `SIGCHLD` set to `SIG_IGN` (which reaps every child at once). Either
+//! steals the exit status: a failed upgrade is then reported as an I/O
+//! error instead of the child's status, and a successor's death can go
+//! unnoticed. Wait for your own children by pid.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fmt;
@@ -15,12 +35,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{self, ProtocolError};
-use crate::sys::{self, ExitStatus, SpawnPlan};
+use crate::sys::{self, Child, ExitStatus, SpawnMethod, SpawnPlan};
 
 /// The byte a child writes on its readiness fd when it serves.
 pub const READY: u8 = b'1';
@@ -30,6 +50,9 @@ pub const ERROR_PREFIX: &str = "error: ";
 pub(crate) const EXEC_ERROR_PREFIX: &str = "error: exec: errno ";
 /// Longest error report kept; the rest is cut.
 const MAX_REPORT: usize = 4096;
+/// Without a pidfd, how often a driver retries [`PendingUpgrade::poll`]
+/// while the child is dying.
+const EXIT_RETRY: Duration = Duration::from_millis(10);
 
 /// Why an upgrade did not happen. In every case the old process still serves.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +164,11 @@ pub struct Upgrader {
     timeout: Duration,
     running: Arc<AtomicBool>,
     running_pid: Arc<std::sync::atomic::AtomicU32>,
+    /// Killed children not reaped yet: [`Upgrader::reap_exited`] collects them.
+    reaper: Arc<Mutex<Vec<Child>>>,
+    /// The child of the last successful upgrade, with its pidfd, until the
+    /// generation watches it.
+    successor: Arc<Mutex<Option<Child>>>,
 }
 
 impl Upgrader {
@@ -154,7 +182,34 @@ impl Upgrader {
             timeout,
             running: Arc::default(),
             running_pid: Arc::default(),
+            reaper: Arc::default(),
+            successor: Arc::default(),
         }
+    }
+
+    /// Reap the killed children that have ended since, without waiting;
+    /// returns how many are still unreaped. Call it on every turn of the
+    /// event loop, and on a short timer while it is non-zero.
+    pub fn reap_exited(&self) -> usize {
+        let mut children = lock(&self.reaper);
+        children.retain(|child| match child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                log::debug!("reaped new process {}: {status}", child.pid());
+                false
+            }
+            Err(e) => {
+                log::warn!("cannot reap new process {}: {e}", child.pid());
+                false
+            }
+        });
+        children.len()
+    }
+
+    /// The child of the last successful upgrade, with its pidfd: the
+    /// generation watches it while it drains.
+    pub(crate) fn take_successor(&self) -> Option<Child> {
+        lock(&self.successor).take()
     }
 
     /// Allow upgrades again after a successful one: this process serves
@@ -182,6 +237,7 @@ impl Upgrader {
         &self,
         sockets: &[(&str, BorrowedFd<'_>)],
     ) -> Result<PendingUpgrade, UpgradeError> {
+        self.reap_exited();
         if self.running.swap(true, Ordering::AcqRel) {
             return Err(UpgradeError::AlreadyRunning {
                 pid: self.running_pid.load(Ordering::Acquire),
@@ -211,18 +267,27 @@ impl Upgrader {
             sockets: sockets.iter().map(|(_, fd)| *fd).collect(),
             ready: ready_write.as_fd(),
         };
-        let pid = sys::spawn(&plan).map_err(UpgradeError::Spawn)?;
+        let (child, method) = sys::spawn(&plan).map_err(UpgradeError::Spawn)?;
         // Only the child may hold the write end, so that EOF means the
         // child has gone.
         drop(plan);
         drop(ready_write);
+        let pid = child.pid();
         self.running_pid.store(pid, Ordering::Release);
         log::debug!(
-            "started {} as pid {pid}, generation {generation}",
+            "started {} as pid {pid}, generation {generation} (spawned with {method})",
             self.program.display()
         );
+        let exit = child.pidfd().and_then(|fd| fd.try_clone_to_owned().ok());
         Ok(PendingUpgrade {
             pid,
+            exit,
+            child: Some(child),
+            method,
+            exiting: false,
+            retry_at: None,
+            reaper: self.reaper.clone(),
+            successor: self.successor.clone(),
             generation,
             program: self.program.clone(),
             ready: ready_read,
@@ -255,12 +320,25 @@ impl Drop for RunningGuard {
 }
 
 /// A started child that has not reported yet. Dropping it before it settles
-/// kills and reaps the child: a cancelled upgrade never leaves a half-started
-/// generation behind.
+/// kills the child (reaped later by [`Upgrader::reap_exited`] if it has not
+/// ended at once): a cancelled upgrade never leaves a half-started
+/// generation behind, and never blocks the caller.
 #[derive(Debug)]
 #[must_use = "dropping a pending upgrade kills the new process"]
 pub struct PendingUpgrade {
     pid: u32,
+    /// `None` once reaped or handed on (to the reaper, or as the successor).
+    child: Option<Child>,
+    /// A duplicate of the child's pidfd, kept until drop so that a driver
+    /// can deregister what it registered, even after the child moved on.
+    exit: Option<OwnedFd>,
+    method: SpawnMethod,
+    /// EOF without a report: the child is dying, its status is awaited.
+    exiting: bool,
+    /// Without a pidfd, when a dying child's status is looked for again.
+    retry_at: Option<Instant>,
+    reaper: Arc<Mutex<Vec<Child>>>,
+    successor: Arc<Mutex<Option<Child>>>,
     generation: u64,
     program: PathBuf,
     ready: OwnedFd,
@@ -282,14 +360,38 @@ impl PendingUpgrade {
         self.generation
     }
 
+    /// How the child was started: [`SpawnMethod::Vfork`] wherever the
+    /// kernel allows it.
+    pub fn spawn_method(&self) -> SpawnMethod {
+        self.method
+    }
+
     /// When the child must have reported; call [`time_out`](Self::time_out) then.
     pub fn deadline(&self) -> Instant {
         self.started + self.timeout
     }
 
-    /// Read what the child reported so far, without blocking. Call it when
-    /// the readiness fd ([`AsFd`]) is readable. `Pending` means "wait for
-    /// the fd again"; anything else settles the upgrade.
+    /// The child's pidfd, readable once it has exited: register it next to
+    /// the readiness fd and call [`poll`](Self::poll) when either is
+    /// readable. The same fd until this value is dropped (deregister it
+    /// then); `None` on kernels without pidfds (see
+    /// [`retry_at`](Self::retry_at)).
+    pub fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.exit.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Without an exit fd, when to call [`poll`](Self::poll) again: `Some`
+    /// (10 ms after the last `poll`) only while the child closed its
+    /// readiness fd and its exit status is awaited. With a pidfd, `None`:
+    /// the exit fd says when.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at.filter(|_| !self.settled)
+    }
+
+    /// Read what the child reported so far, and whether it has ended,
+    /// without blocking. Call it when the readiness fd ([`AsFd`]) or the
+    /// [`exit_fd`](Self::exit_fd) is readable. `Pending` means "wait for
+    /// them again"; anything else settles the upgrade.
     pub fn poll(&mut self) -> Poll<Result<Upgraded, UpgradeError>> {
         if self.settled {
             return Poll::Ready(Err(UpgradeError::Io {
@@ -298,9 +400,18 @@ impl PendingUpgrade {
             }));
         }
         let mut buf = [0u8; 512];
-        loop {
+        while !self.exiting {
             match sys::read(self.ready.as_fd(), &mut buf) {
-                Ok(0) => return Poll::Ready(self.settle_eof()),
+                Ok(0) if !self.report.is_empty() => {
+                    return Poll::Ready(self.settle_report(self.report.len()))
+                }
+                Ok(0) => {
+                    // No report and no way left to send one: the child is
+                    // exiting, or closed the fd and is killed now (harmless
+                    // to one that exited: its status stays).
+                    self.exiting = true;
+                    self.kill();
+                }
                 Ok(n) => {
                     let room = MAX_REPORT.saturating_sub(self.report.len());
                     self.report.extend_from_slice(&buf[..n.min(room)]);
@@ -308,7 +419,7 @@ impl PendingUpgrade {
                         return Poll::Ready(result);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => {
                     self.fail();
@@ -319,9 +430,40 @@ impl PendingUpgrade {
                 }
             }
         }
+        // No report yet: has the child ended? Without EOF too, when a
+        // grandchild still holds the write end.
+        let Some(child) = &self.child else {
+            return Poll::Pending;
+        };
+        match child.try_wait() {
+            Ok(None) => {
+                self.retry_at =
+                    (self.exiting && self.exit.is_none()).then(|| Instant::now() + EXIT_RETRY);
+                Poll::Pending
+            }
+            Ok(Some(status)) => {
+                self.child = None;
+                if !self.report.is_empty() {
+                    return Poll::Ready(self.settle_report(self.report.len()));
+                }
+                self.settled = true;
+                Poll::Ready(Err(UpgradeError::ChildExited {
+                    pid: self.pid,
+                    status,
+                }))
+            }
+            Err(source) => {
+                // ECHILD: the application reaped it (see the module docs).
+                self.fail();
+                Poll::Ready(Err(UpgradeError::Io {
+                    pid: self.pid,
+                    source,
+                }))
+            }
+        }
     }
 
-    /// The deadline passed: kill and reap the child.
+    /// The deadline passed: kill the child. Never waits for it.
     pub fn time_out(mut self) -> UpgradeError {
         self.fail();
         UpgradeError::Timeout {
@@ -335,6 +477,13 @@ impl PendingUpgrade {
         if self.report.first() == Some(&READY) {
             self.settled = true;
             self.running.handed_over = true;
+            if let Some(child) = self.child.take() {
+                // A previous successor died before this upgrade could
+                // start: it goes to the reaper if nobody watched it.
+                if let Some(old) = lock(&self.successor).replace(child) {
+                    lock(&self.reaper).push(old);
+                }
+            }
             return Some(Ok(Upgraded {
                 pid: self.pid,
                 generation: self.generation,
@@ -346,19 +495,6 @@ impl PendingUpgrade {
             return Some(self.settle_report(newline.unwrap_or(self.report.len())));
         }
         None
-    }
-
-    /// The child closed the fd: with a partial report, that is the report;
-    /// without one, the child died (or closed it and will be killed).
-    fn settle_eof(&mut self) -> Result<Upgraded, UpgradeError> {
-        if !self.report.is_empty() {
-            return self.settle_report(self.report.len());
-        }
-        let status = self.fail();
-        Err(UpgradeError::ChildExited {
-            pid: self.pid,
-            status,
-        })
     }
 
     fn settle_report(&mut self, end: usize) -> Result<Upgraded, UpgradeError> {
@@ -384,19 +520,29 @@ impl PendingUpgrade {
         }
     }
 
-    /// Kill and reap the child. Killing a child that already exited is
-    /// harmless and keeps its real exit status for the reap.
-    fn fail(&mut self) -> ExitStatus {
-        self.settled = true;
-        if let Err(e) = sys::kill(self.pid) {
-            log::warn!("cannot kill new process {}: {e}", self.pid);
-        }
-        match sys::reap(self.pid) {
-            Ok(status) => status,
-            Err(e) => {
-                log::warn!("cannot reap new process {}: {e}", self.pid);
-                ExitStatus::Signaled(libc::SIGKILL)
+    fn kill(&self) {
+        if let Some(child) = &self.child {
+            if let Err(e) = child.kill() {
+                log::warn!("cannot kill new process {}: {e}", self.pid);
             }
+        }
+    }
+
+    /// Settle as failed: kill the child and reap it if it has already
+    /// ended; otherwise hand it to the upgrader's reaper. Never waits.
+    fn fail(&mut self) {
+        self.settled = true;
+        self.kill();
+        let Some(child) = self.child.take() else {
+            return;
+        };
+        match child.try_wait() {
+            Ok(Some(status)) => log::debug!("new process {}: {status}", self.pid),
+            Ok(None) => {
+                log::debug!("new process {} killed, reaped later", self.pid);
+                lock(&self.reaper).push(child);
+            }
+            Err(e) => log::warn!("cannot reap new process {}: {e}", self.pid),
         }
     }
 }
@@ -420,6 +566,10 @@ impl Drop for PendingUpgrade {
             self.fail();
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl fmt::Display for Upgraded {
@@ -502,17 +652,38 @@ mod tests {
         )
     }
 
-    /// Wait for the readiness fd with poll(2): the tests' stand-in for a reactor.
+    /// Wait for the readiness fd and the exit fd with poll(2), as a driver
+    /// does: the tests' stand-in for a reactor. Bounded by the deadline and
+    /// a round count.
     fn run(mut pending: PendingUpgrade) -> Result<Upgraded, UpgradeError> {
-        loop {
-            let timeout = pending.deadline().saturating_duration_since(Instant::now());
-            if !sys::wait_readable(pending.as_fd(), timeout).unwrap() {
-                return Err(pending.time_out());
-            }
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        for _ in 0..10_000 {
             if let Poll::Ready(result) = pending.poll() {
                 return result;
             }
+            let left = pending.deadline().saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut fds = vec![PollFd::new(pending.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                pending
+                    .exit_fd()
+                    .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+            );
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let _ = poll(&mut fds, timeout).unwrap();
         }
+        Err(pending.time_out())
+    }
+
+    /// Kill the successor a test made and wait for it, on its pidfd.
+    fn end_successor(upgrader: &Upgrader, pid: u32) {
+        let child = upgrader.take_successor().expect("the successor is kept");
+        assert_eq!(child.pid(), pid);
+        child.kill().unwrap();
+        let status = child.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(status, Some(ExitStatus::Signaled(libc::SIGKILL)));
     }
 
     #[test]
@@ -529,14 +700,19 @@ mod tests {
         let upgrader = upgrader(&path, Duration::from_secs(10));
         let pending = upgrader.start(&[("http", listener.as_fd())]).unwrap();
         let pid = pending.pid();
+        assert_eq!(
+            pending.spawn_method(),
+            SpawnMethod::Vfork,
+            "Linux 6.x allows clone(CLONE_VM|CLONE_VFORK)"
+        );
+        assert!(pending.exit_fd().is_some(), "a pidfd from the spawn");
         let upgraded = run(pending).unwrap();
         assert_eq!((upgraded.pid, upgraded.generation), (pid, 5));
         let seen = std::fs::read_to_string(&out).unwrap();
         let fields: Vec<&str> = seen.split_whitespace().collect();
         assert_eq!(&fields[..4], ["1", "http", "4", "5"]);
         assert_eq!(fields[4], fields[5], "LISTEN_PID is the child's own pid");
-        sys::kill(pid).unwrap();
-        sys::reap(pid).unwrap();
+        end_successor(&upgrader, pid);
     }
 
     #[test]
@@ -571,8 +747,7 @@ mod tests {
             matches!(err, UpgradeError::AlreadyRunning { pid: p } if p == pid),
             "{err}"
         );
-        sys::kill(pid).unwrap();
-        sys::reap(pid).unwrap();
+        end_successor(&upgrader, pid);
         upgrader.rearm(); // the new generation died: serving again
         let again = upgrader.start(&[]).unwrap();
         drop(again);
@@ -619,16 +794,181 @@ mod tests {
         );
     }
 
+    /// Wait on our own pidfd of `pid` until it has ended, then let the
+    /// upgrader's reaper collect it; bounded in rounds and time.
+    fn reaped_by(upgrader: &Upgrader, watch: &OwnedFd) {
+        assert!(
+            sys::wait_readable(watch.as_fd(), Duration::from_secs(10)).unwrap(),
+            "the killed child did not end"
+        );
+        let mut left = usize::MAX;
+        for _ in 0..100 {
+            left = upgrader.reap_exited();
+            if left == 0 {
+                break;
+            }
+            sys::wait_readable(watch.as_fd(), Duration::from_millis(10)).unwrap();
+        }
+        assert_eq!(left, 0, "the reaper still holds children");
+        let err = sys::try_wait_pidfd(watch.as_fd()).unwrap_err();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::ECHILD),
+            "reaped: no such child"
+        );
+    }
+
     #[test]
     fn hanging_child_times_out_and_is_reaped() {
         let path = script("silent.sh", "exec sleep 30");
-        let pending = upgrader(&path, Duration::from_millis(200))
-            .start(&[])
-            .unwrap();
-        let pid = pending.pid();
+        let upgrader = upgrader(&path, Duration::from_millis(200));
+        let pending = upgrader.start(&[]).unwrap();
+        let watch = sys::pidfd_open(pending.pid()).unwrap();
         let err = run(pending).unwrap_err();
         assert!(matches!(err, UpgradeError::Timeout { .. }), "{err}");
-        assert!(sys::try_reap(pid).is_err(), "already reaped: no such child");
+        reaped_by(&upgrader, &watch);
+    }
+
+    #[test]
+    fn time_out_and_drop_never_wait_for_the_child() {
+        // SIGTERM ignored, as by a child slow to stop; SIGKILL still ends it,
+        // but the kernel may take its time: neither call waits for that.
+        let path = script("stubborn.sh", "trap '' TERM\nexec sleep 30");
+        let upgrader = upgrader(&path, Duration::from_secs(10));
+        let pending = upgrader.start(&[]).unwrap();
+        let watch = sys::pidfd_open(pending.pid()).unwrap();
+        let err = pending.time_out();
+        assert!(matches!(err, UpgradeError::Timeout { .. }), "{err}");
+        reaped_by(&upgrader, &watch);
+
+        let pending = upgrader.start(&[]).unwrap();
+        let watch = sys::pidfd_open(pending.pid()).unwrap();
+        drop(pending);
+        reaped_by(&upgrader, &watch);
+    }
+
+    #[test]
+    fn the_reaper_holds_a_live_child_without_waiting() {
+        // A child that has not ended stays in the list: reap_exited returns
+        // at once with it still counted, then collects it once it ends.
+        let path = script("live.sh", "exec sleep 30");
+        let upgrader = upgrader(&path, Duration::from_secs(10));
+        let (_read, write) = sys::readiness_pipe().unwrap();
+        let plan = SpawnPlan {
+            program: cstring(path.as_os_str()).unwrap(),
+            args: vec![cstring(path.as_os_str()).unwrap()],
+            env: Vec::new(),
+            sockets: Vec::new(),
+            ready: write.as_fd(),
+        };
+        let (child, _) = sys::spawn(&plan).unwrap();
+        let watch = sys::pidfd_open(child.pid()).unwrap();
+        let pid = child.pid();
+        lock(&upgrader.reaper).push(child);
+        assert_eq!(upgrader.reap_exited(), 1, "alive: still held, and no wait");
+        assert_eq!(upgrader.reap_exited(), 1);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::SIGKILL,
+        )
+        .unwrap();
+        reaped_by(&upgrader, &watch);
+    }
+
+    #[test]
+    fn child_exit_is_seen_on_the_exit_fd_while_a_grandchild_holds_the_pipe() {
+        // The grandchild keeps the readiness pipe open: no EOF comes, only
+        // the pidfd says the child ended.
+        let grandchild =
+            std::env::temp_dir().join(format!("baton-grandchild-{}", std::process::id()));
+        let path = script(
+            "orphan.sh",
+            &format!("sleep 30 &\necho $! > {}\nexit 3", grandchild.display()),
+        );
+        let err = run(upgrader(&path, Duration::from_secs(10)).start(&[]).unwrap()).unwrap_err();
+        let pid: i32 = std::fs::read_to_string(&grandchild)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let _ = std::fs::remove_file(&grandchild);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+        assert!(
+            matches!(
+                err,
+                UpgradeError::ChildExited {
+                    status: ExitStatus::Exited(3),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_child_closing_its_readiness_fd_is_killed_and_reported() {
+        // EOF without a report from a child that lives on: it can never
+        // report, so it is killed; poll waits for its exit on the exit fd.
+        let path = script("close.sh", "exec 3>&-\nexec sleep 30");
+        let err = run(upgrader(&path, Duration::from_secs(10)).start(&[]).unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UpgradeError::ChildExited {
+                    status: ExitStatus::Signaled(libc::SIGKILL),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn without_a_pidfd_a_dying_child_is_polled_on_retry_at() {
+        // As on a kernel before 5.3: the child's pid only.
+        let path = script("close-nopidfd.sh", "exec 3>&-\nexec sleep 30");
+        let mut pending = upgrader(&path, Duration::from_secs(10)).start(&[]).unwrap();
+        let pid = pending.pid();
+        pending.child = Some(Child::new(pid, None));
+        pending.exit = None;
+        assert!(pending.exit_fd().is_none());
+        assert_eq!(pending.retry_at(), None, "nothing to retry before EOF");
+        // The test's own pidfd stands in for the driver's timer.
+        let watch = sys::pidfd_open(pid).unwrap();
+        let mut outcome = None;
+        for _ in 0..1000 {
+            if let Poll::Ready(result) = pending.poll() {
+                outcome = Some(result);
+                break;
+            }
+            if pending.exiting {
+                assert!(pending.retry_at().is_some(), "dying, no pidfd: retry");
+            }
+            let fds = [pending.as_fd(), watch.as_fd()];
+            let fd = if pending.exiting { fds[1] } else { fds[0] };
+            sys::wait_readable(fd, Duration::from_secs(1)).unwrap();
+        }
+        let err = outcome.expect("settled").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UpgradeError::ChildExited {
+                    status: ExitStatus::Signaled(libc::SIGKILL),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(pending.retry_at(), None, "settled: no retry");
+    }
+
+    #[test]
+    fn retry_at_is_none_with_a_pidfd() {
+        let path = script("exit0.sh", "exit 0");
+        let mut pending = upgrader(&path, Duration::from_secs(10)).start(&[]).unwrap();
+        assert!(pending.exit_fd().is_some());
+        let _ = pending.poll();
+        assert_eq!(pending.retry_at(), None);
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! - The shared listener is still non-blocking afterwards: adopting it never
 //!   switched the shared file description to blocking mode.
 //!
+//! - The next generation starts with every signal disposition at its
+//!   default and nothing blocked, whatever the parent ignored, caught or
+//!   blocked; the parent's own mask is restored after the spawn.
+//!
 //! Every wait is on the readiness fd or the child's exit, bounded in time.
 
 use std::ffi::OsString;
@@ -20,7 +24,7 @@ use std::process::Command;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use baton_core::Upgrader;
+use baton_core::{PendingUpgrade, UpgradeError, Upgraded, Upgrader};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
@@ -148,5 +152,140 @@ fn grandchild_inherits_no_socket_and_ignores_listen_vars() {
     assert!(
         flags & libc::O_NONBLOCK as u32 != 0,
         "the shared listener was switched to blocking: flags {flags:o}"
+    );
+}
+
+/// Poll `pending` on its readiness and exit fds until it settles; bounded
+/// by its deadline and a round count.
+fn settle(mut pending: PendingUpgrade) -> Result<Upgraded, UpgradeError> {
+    for _ in 0..1000 {
+        if let Poll::Ready(result) = pending.poll() {
+            return result;
+        }
+        let left = pending.deadline().saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let ms = u16::try_from(left.as_millis().min(1000)).unwrap_or(1000);
+        let mut fds = vec![PollFd::new(pending.as_fd(), PollFlags::POLLIN)];
+        fds.extend(
+            pending
+                .exit_fd()
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+        );
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+    }
+    Err(pending.time_out())
+}
+
+/// `SigBlk`, `SigIgn` and `SigCgt` of a `/proc/.../status` text, as masks.
+fn signal_masks(status: &str) -> [u64; 3] {
+    ["SigBlk:", "SigIgn:", "SigCgt:"].map(|key| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {key} in:\n{status}"))
+    })
+}
+
+fn bit(signal: i32) -> u64 {
+    1 << (signal - 1)
+}
+
+const SIGNAL_PARENT: &str = "BATON_TEST_SIGNAL_PARENT";
+
+/// The parent side runs in a fresh copy of this test binary, started
+/// through perl with `SIGCHLD` ignored (an ignored disposition survives
+/// exec): ignoring it here would reap the other tests' children.
+#[test]
+fn next_generation_starts_with_default_signal_dispositions() {
+    let exe = std::env::current_exe().expect("current_exe");
+    let output = Command::new("perl")
+        .args([
+            "-e",
+            "$SIG{CHLD} = 'IGNORE'; exec @ARGV or die \"exec: $!\"",
+        ])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "signal_parent",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SIGNAL_PARENT, "1")
+        .output()
+        .expect("run perl");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{exe:?} signal_parent: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+}
+
+#[test]
+#[ignore = "run by next_generation_starts_with_default_signal_dispositions"]
+fn signal_parent() {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    if std::env::var_os(SIGNAL_PARENT).is_none() {
+        return;
+    }
+    // A handler (SIGUSR1), a blocked signal (SIGUSR2) on this thread, and
+    // from the environment SIGCHLD ignored; Rust ignores SIGPIPE.
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(libc::SIGUSR1, flag).expect("install a handler");
+    let mut usr2 = SigSet::empty();
+    usr2.add(Signal::SIGUSR2);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&usr2), None).expect("block SIGUSR2");
+    let own = || std::fs::read_to_string("/proc/thread-self/status").expect("read own status");
+    let [blocked, ignored, caught] = signal_masks(&own());
+    assert_eq!(blocked, bit(libc::SIGUSR2), "precondition: SIGUSR2 blocked");
+    assert_ne!(
+        ignored & bit(libc::SIGCHLD),
+        0,
+        "precondition: SIGCHLD ignored"
+    );
+    assert_ne!(
+        ignored & bit(libc::SIGPIPE),
+        0,
+        "precondition: SIGPIPE ignored"
+    );
+    assert_ne!(
+        caught & bit(libc::SIGUSR1),
+        0,
+        "precondition: SIGUSR1 caught"
+    );
+
+    // cp copies its own status as exec left it (cp sets no handler).
+    let out = std::env::temp_dir().join(format!("baton-signals-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let cp = PathBuf::from("/bin/cp");
+    let upgrader = Upgrader::new(
+        cp.clone(),
+        vec![cp.into(), "/proc/self/status".into(), out.clone().into()],
+        0,
+        Duration::from_secs(20),
+    );
+    let pending = upgrader.start(&[]).expect("start cp as a baton child");
+    // With SIGCHLD ignored the kernel reaps cp itself: the upgrade ends in
+    // an error either way; what matters is what cp saw.
+    let result = settle(pending);
+    assert!(result.is_err(), "cp never reports ready: {result:?}");
+
+    let [blocked_after, ..] = signal_masks(&own());
+    assert_eq!(
+        blocked_after,
+        bit(libc::SIGUSR2),
+        "the parent's mask is restored"
+    );
+    let status = std::fs::read_to_string(&out).expect("read cp's status");
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(
+        signal_masks(&status),
+        [0, 0, 0],
+        "SigBlk, SigIgn, SigCgt of the next generation:\n{status}"
     );
 }
