@@ -1,7 +1,7 @@
 //! One generation of a server: what it inherited, and what it hands on.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,12 +18,19 @@ use crate::tracker::Tracker;
 use crate::upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader, ERROR_PREFIX, READY};
 use crate::Error;
 
-/// The pid of the next generation, as an fd that becomes readable when it
-/// exits (a pidfd): register it in the reactor while draining.
+/// The next generation while this one drains: a pidfd that becomes
+/// readable when it exits, and its readiness pipe, on which it reports a
+/// hand-over to a generation newer still. Register [`fds`](Self::fds) in the
+/// reactor and call [`check`](Self::check) when one is readable.
 #[derive(Debug)]
 pub struct SuccessorWatch {
     pid: u32,
     fd: OwnedFd,
+    /// Its readiness pipe, until EOF.
+    report: Option<OwnedFd>,
+    /// It reported that a newer generation serves: its death is not ours
+    /// to make up for.
+    handed_over: bool,
 }
 
 impl SuccessorWatch {
@@ -32,12 +39,21 @@ impl SuccessorWatch {
         self.pid
     }
 
+    /// The fds to watch: the pidfd, and the readiness pipe until EOF.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![self.fd.as_fd()];
+        fds.extend(self.report.as_ref().map(AsFd::as_fd));
+        fds
+    }
+
     /// What has become of the successor, without waiting (an ended one is
-    /// reaped here). Call it when the watch fd is readable.
-    pub fn check(&self) -> Result<Successor, Error> {
+    /// reaped here). Call it when a watched fd is readable.
+    pub fn check(&mut self) -> Result<Successor, Error> {
+        self.read_report();
         Ok(
             match sys::try_wait_pidfd(self.fd.as_fd()).map_err(Error::Watch)? {
                 None => Successor::Running,
+                Some(_) if self.handed_over => Successor::HandedOver,
                 // Exit status 0 is deliberate: it handed over to its own
                 // successor, or was stopped. Serving again would leave this
                 // process serving beside the newest generation.
@@ -45,6 +61,30 @@ impl SuccessorWatch {
                 Some(status) => Successor::Failed(status),
             },
         )
+    }
+
+    /// Read what the successor reported since "ready", without blocking.
+    fn read_report(&mut self) {
+        let Some(fd) = &self.report else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        // Bounded: a successor writes one byte; stop after a few reads.
+        for _ in 0..16 {
+            match sys::read(fd.as_fd(), &mut buf) {
+                Ok(0) => {
+                    self.report = None;
+                    return;
+                }
+                Ok(n) => self.handed_over |= buf[..n].contains(&HANDED_OVER),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.report = None;
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -55,14 +95,11 @@ pub enum Successor {
     Running,
     /// Exited with status 0 on purpose: stop watching, do not resume.
     Exited,
+    /// Ended after it had handed over to a newer generation, which serves:
+    /// do not resume (two generations would serve side by side).
+    HandedOver,
     /// Killed or failed: this generation must serve again ([`Generation::resume`]).
     Failed(ExitStatus),
-}
-
-impl AsFd for SuccessorWatch {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
 }
 
 /// Written on the readiness fd after [`READY`], when this generation hands
@@ -413,12 +450,20 @@ impl Generation {
         };
         // The pidfd from the spawn: it names the child even if its pid was
         // reaped and reused meanwhile. Opened from the pid only as a fallback.
-        let fd = match self.upgrader.take_successor() {
-            Some(child) if child.pid() == pid => child.into_pidfd(),
-            _ => sys::pidfd_open(pid),
-        }
-        .map_err(Error::Watch)?;
-        Ok(Some(SuccessorWatch { pid, fd }))
+        let (fd, report, after_ready) = match self.upgrader.take_successor() {
+            Some(handover) if handover.child.pid() == pid => (
+                handover.child.into_pidfd(),
+                Some(handover.report),
+                handover.after_ready,
+            ),
+            _ => (sys::pidfd_open(pid), None, Vec::new()),
+        };
+        Ok(Some(SuccessorWatch {
+            pid,
+            fd: fd.map_err(Error::Watch)?,
+            report,
+            handed_over: after_ready.contains(&HANDED_OVER),
+        }))
     }
 
     /// Serve again: the successor died while this generation drained. The

@@ -211,6 +211,8 @@ pub struct Lifecycle {
     exited: bool,
     /// Changes whenever the set of [`watched`](Lifecycle::watched) fds does.
     epoch: u64,
+    /// Killed children of failed upgrades not reaped yet.
+    unreaped: usize,
 }
 
 impl Lifecycle {
@@ -229,6 +231,7 @@ impl Lifecycle {
             last_upgrade: None,
             exited: false,
             epoch: 0,
+            unreaped: 0,
         }
     }
 
@@ -346,7 +349,7 @@ impl Lifecycle {
                 end
             }
         });
-        let reap = (self.generation.unreaped() > 0).then(|| Instant::now() + REAP_RETRY);
+        let reap = (self.unreaped > 0).then(|| Instant::now() + REAP_RETRY);
         [upgrade, drain, reap].into_iter().flatten().min()
     }
 
@@ -354,7 +357,7 @@ impl Lifecycle {
     /// the end of the watch, reaping. Also call it when connections close
     /// during the drain (the async driver waits on the tracker for that).
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.generation.reap_children();
+        self.unreaped = self.generation.reap_exited();
         let timed_out = self
             .upgrade
             .as_ref()
@@ -593,7 +596,12 @@ impl Lifecycle {
             return;
         };
         let pid = watch.pid();
-        let status = match watch.check() {
+        let fds = watch.fds().len();
+        let checked = watch.check();
+        if watch.fds().len() != fds {
+            self.epoch += 1;
+        }
+        let status = match checked {
             Ok(Successor::Running) => return,
             Ok(Successor::Failed(status)) => status,
             Ok(other) => {

@@ -23,7 +23,7 @@ use crate::control::{self, Parsed};
 use crate::lifecycle::{Answer, Event, Lifecycle, ReplyTo, Request};
 use crate::runtime::{Accept, BoxFuture, Runtime};
 use crate::{Config, Connection, DrainReport, Error, Generation, ListenAddr, ListenSocket};
-use crate::{Origin, StopToken, Tracker};
+use crate::{StopToken, Tracker};
 
 /// How long accepting pauses after a resource-exhaustion error (`EMFILE`…):
 /// accepting again at once would fail again, in a busy loop.

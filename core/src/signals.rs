@@ -16,17 +16,17 @@ use signal_hook::SigId;
 
 /// What arrived since the last [`SignalPipes::take`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Arrived {
+pub(crate) struct Arrived {
     /// `SIGHUP`s: upgrade.
-    pub upgrade: usize,
+    pub(crate) upgrade: usize,
     /// `SIGTERM`s and `SIGINT`s: graceful stop; a further one ends the drain.
-    pub stop: usize,
+    pub(crate) stop: usize,
 }
 
 /// `SIGHUP`, `SIGTERM` and `SIGINT` turned into two readable fds.
 /// Dropping it uninstalls the handlers.
 #[derive(Debug)]
-pub struct SignalPipes {
+pub(crate) struct SignalPipes {
     upgrade: UnixStream,
     stop: UnixStream,
     ids: Vec<SigId>,
@@ -34,7 +34,7 @@ pub struct SignalPipes {
 
 impl SignalPipes {
     /// Install the handlers.
-    pub fn install() -> io::Result<Self> {
+    pub(crate) fn install() -> io::Result<Self> {
         let (upgrade, upgrade_writer) = UnixStream::pair()?;
         let (stop, stop_writer) = UnixStream::pair()?;
         upgrade.set_nonblocking(true)?;
@@ -52,12 +52,12 @@ impl SignalPipes {
     }
 
     /// The fds to watch for readability.
-    pub fn fds(&self) -> [BorrowedFd<'_>; 2] {
+    pub(crate) fn fds(&self) -> [BorrowedFd<'_>; 2] {
         [self.upgrade.as_fd(), self.stop.as_fd()]
     }
 
     /// Count the signals that arrived, without blocking.
-    pub fn take(&mut self) -> Arrived {
+    pub(crate) fn take(&mut self) -> Arrived {
         Arrived {
             upgrade: drain(&mut self.upgrade),
             stop: drain(&mut self.stop),

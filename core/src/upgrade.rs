@@ -166,9 +166,20 @@ pub struct Upgrader {
     running_pid: Arc<std::sync::atomic::AtomicU32>,
     /// Killed children not reaped yet: [`Upgrader::reap_exited`] collects them.
     reaper: Arc<Mutex<Vec<Child>>>,
-    /// The child of the last successful upgrade, with its pidfd, until the
-    /// generation watches it.
-    successor: Arc<Mutex<Option<Child>>>,
+    /// The child of the last successful upgrade, with its pidfd and its
+    /// readiness fd, until the generation watches it.
+    successor: Arc<Mutex<Option<Handover>>>,
+}
+
+/// A successor as the generation watches it: its process, and the rest of
+/// what it reports after "ready" ([`crate::generation`]'s `HANDED_OVER`).
+#[derive(Debug)]
+pub(crate) struct Handover {
+    pub(crate) child: Child,
+    /// The read end of its readiness pipe.
+    pub(crate) report: OwnedFd,
+    /// What it wrote after "ready" in the same read, if anything.
+    pub(crate) after_ready: Vec<u8>,
 }
 
 impl Upgrader {
@@ -208,7 +219,7 @@ impl Upgrader {
 
     /// The child of the last successful upgrade, with its pidfd: the
     /// generation watches it while it drains.
-    pub(crate) fn take_successor(&self) -> Option<Child> {
+    pub(crate) fn take_successor(&self) -> Option<Handover> {
         lock(&self.successor).take()
     }
 
@@ -338,7 +349,7 @@ pub struct PendingUpgrade {
     /// Without a pidfd, when a dying child's status is looked for again.
     retry_at: Option<Instant>,
     reaper: Arc<Mutex<Vec<Child>>>,
-    successor: Arc<Mutex<Option<Child>>>,
+    successor: Arc<Mutex<Option<Handover>>>,
     generation: u64,
     program: PathBuf,
     ready: OwnedFd,
@@ -478,10 +489,26 @@ impl PendingUpgrade {
             self.settled = true;
             self.running.handed_over = true;
             if let Some(child) = self.child.take() {
-                // A previous successor died before this upgrade could
-                // start: it goes to the reaper if nobody watched it.
-                if let Some(old) = lock(&self.successor).replace(child) {
-                    lock(&self.reaper).push(old);
+                // The generation reads on from a duplicate of the pipe (the
+                // same description): a hand-over the successor reports later.
+                match self.ready.try_clone() {
+                    Ok(report) => {
+                        let handover = Handover {
+                            child,
+                            report,
+                            after_ready: self.report[1..].to_vec(),
+                        };
+                        // A previous successor died before this upgrade
+                        // could start: it goes to the reaper if nobody
+                        // watched it.
+                        if let Some(old) = lock(&self.successor).replace(handover) {
+                            lock(&self.reaper).push(old.child);
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("cannot keep watching new process {}: {e}", self.pid);
+                        lock(&self.reaper).push(child);
+                    }
                 }
             }
             return Some(Ok(Upgraded {
@@ -679,7 +706,7 @@ mod tests {
 
     /// Kill the successor a test made and wait for it, on its pidfd.
     fn end_successor(upgrader: &Upgrader, pid: u32) {
-        let child = upgrader.take_successor().expect("the successor is kept");
+        let child = upgrader.take_successor().expect("the successor is kept").child;
         assert_eq!(child.pid(), pid);
         child.kill().unwrap();
         let status = child.wait_timeout(Duration::from_secs(10)).unwrap();
