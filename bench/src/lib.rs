@@ -353,21 +353,27 @@ fn compiled_backends(server: &Path) -> Result<Vec<String>, BenchError> {
             server.display()
         ))
     })?;
+    available_backends(&text).ok_or_else(|| {
+        BenchError(format!(
+            "{} did not list its backends (is it baton-demo?): {text:?}",
+            server.display()
+        ))
+    })
+}
+
+/// The known backends in the `available: A, B` list of the demo's error
+/// output, in table order; `None` without such a list.
+fn available_backends(text: &str) -> Option<Vec<String>> {
     let available = text
         .lines()
-        .find_map(|line| line.split_once("available: ").map(|(_, list)| list))
-        .ok_or_else(|| {
-            BenchError(format!(
-                "{} did not list its backends (is it baton-demo?): {text:?}",
-                server.display()
-            ))
-        })?;
-    // In table order, known names only.
-    Ok(BACKENDS
-        .iter()
-        .filter(|b| available.split(',').any(|a| a.trim() == **b))
-        .map(|b| (*b).to_owned())
-        .collect())
+        .find_map(|line| line.split_once("available: ").map(|(_, list)| list))?;
+    Some(
+        BACKENDS
+            .iter()
+            .filter(|b| available.split(',').any(|a| a.trim() == **b))
+            .map(|b| (*b).to_owned())
+            .collect(),
+    )
 }
 
 /// `250ms`, `10s`, `2m`, or a number of seconds: the demo's own duration
@@ -1241,6 +1247,21 @@ mod tests {
     use std::collections::BTreeMap;
 
     use testkit::load::FailureKind;
+
+    #[test]
+    fn backends_from_the_demo_answer() {
+        let all = "baton-demo: error: backend \"baton-bench-probe\" is not compiled in; available: mio, smol, tokio\n";
+        assert_eq!(
+            available_backends(all),
+            Some(vec!["tokio".into(), "smol".into(), "mio".into()])
+        );
+        let one = "baton-demo: error: backend \"x\" is not compiled in; available: smol\n";
+        assert_eq!(available_backends(one), Some(vec!["smol".into()]));
+        assert_eq!(
+            available_backends("error: unexpected argument '--backend'\n"),
+            None
+        );
+    }
 
     #[test]
     fn durations() {
