@@ -1,5 +1,7 @@
 //! baton-demo: an HTTP/1.1 server that upgrades itself without dropping a
-//! request, and the load client that proves it.
+//! request. The load client that proves it and the process harness of its
+//! tests live in `baton-testkit` (`testkit/`); the benchmark in
+//! `baton-bench` (`bench/`).
 //!
 //! The HTTP handling is one sans-IO module ([`http`]) that every backend
 //! drives, so comparing backends compares runtimes, not HTTP stacks.
@@ -11,14 +13,12 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod control_client;
 pub mod events;
 pub mod http;
-pub mod load;
 
 /// The server could not start or serve; the reason is already logged.
 #[derive(Debug)]

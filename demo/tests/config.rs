@@ -11,17 +11,18 @@
 //!
 //! Every wait is on a log line, a response or a pid; loopback, port 0.
 
-#[macro_use]
 mod common;
+
+use testkit::per_backend;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use baton_demo::load::{Load, LoadConfig};
 use common::{get, Server, TempDir, BACKENDS, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT};
 use nix::sys::signal::Signal;
+use testkit::load::{Load, LoadConfig};
 
 per_backend! {
     fn reload_switches_listeners_and_backend;

@@ -17,19 +17,20 @@
 //! Every wait is on a log line, a response or a pid, bounded in time; the
 //! servers listen on `127.0.0.1:0`, so the tests run in parallel.
 
-#[macro_use]
 mod common;
+
+use testkit::per_backend;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use baton_demo::load::{Load, LoadConfig};
 use common::{
     deploy_bytes, deploy_copy, fd_count, fd_links, get, inherited_from_tests, proc_state, request,
     zombie_children, Conn, Server, TempDir, BACKENDS, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT,
 };
 use nix::sys::signal::Signal;
+use testkit::load::{Load, LoadConfig};
 
 per_backend! {
     fn restart_storm;
@@ -106,7 +107,7 @@ fn assert_still_serves(server: &mut Server, pid: u32, generation: u64) {
 
 /// 30 upgrades under continuous keep-alive and connection-per-request load.
 fn restart_storm(backend: &str) {
-    let mut server = Server::start(backend, &[]);
+    let mut server = Server::start(BINARY, backend, &[]);
     let first = server.pid();
     let addr = server.addr();
     // Without what it inherited from the test process (see inherited_from_tests).
@@ -224,7 +225,7 @@ fn restart_storm(backend: &str) {
 
 /// A `/sleep/2000` in flight at SIGHUP is answered by the old process, before it exits.
 fn in_flight_request_survives_upgrade(backend: &str) {
-    let mut server = Server::start(backend, &[]);
+    let mut server = Server::start(BINARY, backend, &[]);
     let old = server.pid();
     // A request on the connection first: it proves the old process owns it.
     let mut conn = Conn::connect(server.addr()).expect("connect");
@@ -292,7 +293,7 @@ fn in_flight_request_survives_upgrade(backend: &str) {
 /// A bad deploy leaves the old process serving; the good binary upgrades.
 fn failed_upgrade_keeps_serving(backend: &str) {
     let deploy = Deploy::new("bad-deploy");
-    let mut server = Server::start_binary(&deploy.binary(), backend, &["--upgrade-timeout", "1s"]);
+    let mut server = Server::start(deploy.binary(), backend, &["--upgrade-timeout", "1s"]);
     let pid = server.pid();
 
     // (a) A binary that exits at once.
@@ -349,7 +350,7 @@ fn child_pid(server: &Server, line: &str) -> u32 {
 /// SIGTERM with a request in flight: it finishes, the process drains and
 /// exits 0, and the port is closed.
 fn graceful_sigterm(backend: &str) {
-    let mut server = Server::start(backend, &[]);
+    let mut server = Server::start(BINARY, backend, &[]);
     let pid = server.pid();
     let addr = server.addr();
     let mut conn = Conn::connect(addr).expect("connect");
@@ -466,7 +467,7 @@ fn is_error_line(line: &common::Line) -> bool {
 
 /// Bad requests get their status and leave the server serving.
 fn bad_http_input(backend: &str) {
-    let server = Server::start(backend, &[]);
+    let server = Server::start(BINARY, backend, &[]);
     let addr = server.addr();
     let big_header = format!(
         "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
@@ -532,7 +533,7 @@ fn assert_unaffected(server: &Server, after: &str) {
 /// to its own outcome; the server serves throughout.
 fn second_sighup_during_upgrade_is_refused(backend: &str) {
     let deploy = Deploy::new("second-sighup");
-    let mut server = Server::start_binary(&deploy.binary(), backend, &["--upgrade-timeout", "5s"]);
+    let mut server = Server::start(deploy.binary(), backend, &["--upgrade-timeout", "5s"]);
     let pid = server.pid();
     deploy.replace_with_script("#!/bin/sh\nexec sleep 30\n");
 

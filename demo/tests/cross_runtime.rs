@@ -13,9 +13,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use baton_demo::load::{Load, LoadConfig};
-use common::{get, Server, TempDir, LINE_TIMEOUT};
+use common::{get, Server, TempDir, BINARY, LINE_TIMEOUT};
 use nix::sys::signal::Signal;
+use testkit::load::{Load, LoadConfig};
 
 /// The backend `pid` logged its `serving` line with, waiting for the line
 /// if it has not come yet (a new generation may log it after its parent
@@ -61,7 +61,7 @@ fn tokio_hands_over_to_smol_and_back_under_load() {
     choose_backend(&file, "tokio");
     // `--backend smol` on the command line: the file overrides it.
     let file_arg = file.to_str().expect("a UTF-8 temp path");
-    let mut server = Server::start("smol", &["--backend-file", file_arg]);
+    let mut server = Server::start(BINARY, "smol", &["--backend-file", file_arg]);
     let first = server.pid();
     let first_backend = backend_of(&mut server, first);
     server.check(
@@ -149,7 +149,7 @@ fn a_backend_file_naming_an_unknown_backend_fails_the_upgrade_only() {
     let file = dir.path().join("backend");
     choose_backend(&file, "smol");
     let file_arg = file.to_str().expect("a UTF-8 temp path");
-    let mut server = Server::start("tokio", &["--backend-file", file_arg]);
+    let mut server = Server::start(BINARY, "tokio", &["--backend-file", file_arg]);
     let pid = server.pid();
     choose_backend(&file, "nope");
     server.signal(pid, Signal::SIGHUP);

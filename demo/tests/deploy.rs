@@ -19,8 +19,9 @@
 //! "Runs the new file" is checked by inode: `/proc/PID/exe` of the new
 //! generation is the file now at the path.
 
-#[macro_use]
 mod common;
+
+use testkit::per_backend;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -93,7 +94,7 @@ fn replaced_by_rename(backend: &str) {
     let dir = TempDir::new("deploy-mv");
     let binary = dir.path().join("baton-demo");
     deploy_copy(Path::new(BINARY), &binary);
-    let mut server = Server::start_binary(&binary, backend, &[]);
+    let mut server = Server::start(&binary, backend, &[]);
     assert_eq!(exe_inode(server.pid()), inode(&binary));
 
     // What a deploy tool does: copy next to it, then rename over it.
@@ -117,7 +118,7 @@ fn replaced_by_copy(backend: &str) {
     let dir = TempDir::new("deploy-cp");
     let binary = dir.path().join("baton-demo");
     deploy_copy(Path::new(BINARY), &binary);
-    let mut server = Server::start_binary(&binary, backend, &[]);
+    let mut server = Server::start(&binary, backend, &[]);
     let before = inode(&binary);
 
     // Plain `cp` opens the running binary for writing: ETXTBSY.
@@ -166,7 +167,7 @@ fn symlink_switched_to_new_release(backend: &str) {
     }
     let current = dir.path().join("current");
     std::os::unix::fs::symlink("releases/v1", &current).unwrap();
-    let mut server = Server::start_binary(&current.join("baton-demo"), backend, &[]);
+    let mut server = Server::start(current.join("baton-demo"), backend, &[]);
     let v1 = releases.join("v1").join("baton-demo");
     let v2 = releases.join("v2").join("baton-demo");
     assert_eq!(exe_link(server.pid()), v1);
@@ -207,7 +208,7 @@ fn next_binary_overrides(backend: &str) {
     let next = dir.path().join("baton-demo-next");
     deploy_copy(Path::new(BINARY), &started);
     deploy_copy(Path::new(BINARY), &next);
-    let mut server = Server::start_binary(
+    let mut server = Server::start(
         &started,
         backend,
         &["--next-binary", next.to_str().unwrap()],

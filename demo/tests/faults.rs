@@ -27,8 +27,9 @@
 //!
 //! Every wait is on a log line, a response or a pid, bounded in time.
 
-#[macro_use]
 mod common;
+
+use testkit::per_backend;
 
 use std::net::TcpStream;
 use std::os::unix::process::ExitStatusExt as _;
@@ -36,12 +37,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use baton_demo::load::{Load, LoadConfig, Report};
 use common::{
     deploy_bytes, deploy_copy, fd_count, fd_links, get, inherited_from_tests, proc_state,
     zombie_children, Conn, Server, TempDir, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT,
 };
 use nix::sys::signal::Signal;
+use testkit::load::{Load, LoadConfig, Report};
 
 per_backend! {
     fn successor_dies_after_ready;
@@ -233,7 +234,7 @@ fn assert_no_failures(server: &Server, report: &Report, during: &str) {
 /// The new generation is SIGKILLed right after its `upgrade done` line: the
 /// old one resumes and serves on, under load, then upgrades normally.
 fn successor_dies_after_ready(backend: &str) {
-    let mut server = Server::start(backend, &["--successor-watch", "4s"]);
+    let mut server = Server::start(BINARY, backend, &["--successor-watch", "4s"]);
     let old = server.pid();
 
     // Load across a normal upgrade, stopped at "upgrade done" (nothing to lose there).
@@ -293,7 +294,7 @@ fn successor_dies_after_ready(backend: &str) {
 /// (`--successor-watch`) is over, not before, and exits 0.
 fn old_exits_after_the_watch_window(backend: &str) {
     let window = Duration::from_millis(1500);
-    let mut server = Server::start(backend, &["--successor-watch", "1500ms"]);
+    let mut server = Server::start(BINARY, backend, &["--successor-watch", "1500ms"]);
     let old = server.pid();
     server.signal(old, Signal::SIGHUP);
     let done = server.wait_for_pid(old, "upgrade done: ", LINE_TIMEOUT);
@@ -326,7 +327,7 @@ fn old_exits_after_the_watch_window(backend: &str) {
 /// the old process serves on; the real binary then upgrades.
 fn binary_faults(backend: &str) {
     let deploy = Deploy::new("binary-faults");
-    let mut server = Server::start_binary(&deploy.binary(), backend, &["--upgrade-timeout", "5s"]);
+    let mut server = Server::start(deploy.binary(), backend, &["--upgrade-timeout", "5s"]);
     let pid = server.pid();
 
     // (a) Missing: fails before fork, naming the path.
@@ -402,7 +403,7 @@ fn init_error_reaches_the_old_process(backend: &str) {
     let deploy = Deploy::new("init-error");
     let real = deploy.dir.path().join("baton-demo-real");
     deploy_copy(Path::new(BINARY), &real);
-    let mut server = Server::start_binary(&deploy.binary(), backend, &["--upgrade-timeout", "10s"]);
+    let mut server = Server::start(deploy.binary(), backend, &["--upgrade-timeout", "10s"]);
     let pid = server.pid();
 
     // The next "binary" runs the real one with one more listener, which it
@@ -434,7 +435,7 @@ fn init_error_reaches_the_old_process(backend: &str) {
 /// 100 SIGHUPs within about half a second, each to the generation serving at
 /// that moment: upgrades run one at a time, and the end state is consistent.
 fn sighup_flood(backend: &str) {
-    let mut server = Server::start(backend, &[]);
+    let mut server = Server::start(BINARY, backend, &[]);
     let first = server.pid();
     let stray = inherited_from_tests(first);
     let first_fds = fd_count(first).expect("fd count") - stray.len();
@@ -576,7 +577,7 @@ fn wait_no_upgrade_running(server: &mut Server) -> usize {
 /// killed and reaped, the server stops gracefully with exit 0.
 fn sigterm_during_upgrade(backend: &str) {
     let deploy = Deploy::new("sigterm-upgrade");
-    let mut server = Server::start_binary(&deploy.binary(), backend, &["--upgrade-timeout", "30s"]);
+    let mut server = Server::start(deploy.binary(), backend, &["--upgrade-timeout", "30s"]);
     let pid = server.pid();
     deploy.replace_with_script("#!/bin/sh\nexec sleep 30\n");
     server.signal(pid, Signal::SIGHUP);
@@ -597,7 +598,7 @@ fn sigterm_during_upgrade(backend: &str) {
 /// SIGKILL of the old process while it drains a `/sleep/3000`: the new one
 /// serves on, with no failed request on new connections.
 fn sigkill_old_during_drain(backend: &str) {
-    let mut server = Server::start(backend, &[]);
+    let mut server = Server::start(BINARY, backend, &[]);
     let old = server.pid();
     let mut conn = Conn::connect(server.addr()).expect("connect");
     conn.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -753,7 +754,7 @@ fn kind(target: &str) -> String {
 /// Generation 1 holds the very listening socket of generation 0 (same
 /// inode), non-blocking and close-on-exec, and the same kinds of fds.
 fn fd_hygiene(backend: &str) {
-    let mut server = Server::start(backend, &[]);
+    let mut server = Server::start(BINARY, backend, &[]);
     let old = server.pid();
     let port = server.addr().port();
     let inode = listener_inode(port).unwrap_or_else(|| server.fail("no listener in /proc/net/tcp"));
@@ -867,7 +868,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 /// generation's fd count equals the first's, its RSS is within 10% of the
 /// first's (medians of up to 10 generations at each end), no zombies.
 fn soak(backend: &str, upgrades: u64) {
-    let mut server = Server::start(backend, &[]);
+    let mut server = Server::start(BINARY, backend, &[]);
     let first = server.pid();
     let addr = server.addr();
     let stray = inherited_from_tests(first);

@@ -9,15 +9,16 @@
 //! Every wait is on a response, an EOF or a log line, bounded in time; the
 //! servers listen on `127.0.0.1:0`, so the tests run in parallel.
 
-#[macro_use]
 mod common;
+
+use testkit::per_backend;
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{get, request, Conn, Server, REQUEST_TIMEOUT};
+use common::{get, request, Conn, Server, BINARY, REQUEST_TIMEOUT};
 
 per_backend! {
     fn slowloris;
@@ -75,7 +76,7 @@ fn expect_closed(server: &Server, conn: &mut Conn, what: &str) {
 /// a close) once `--header-timeout` has passed, not before; meanwhile other
 /// connections are served.
 fn slowloris(backend: &str) {
-    let server = Server::start(backend, &["--header-timeout", "1s"]);
+    let server = Server::start(BINARY, backend, &["--header-timeout", "1s"]);
     let addr = server.addr();
     let start = Instant::now();
     let mut slow = Conn::connect(addr).expect("connect");
@@ -109,7 +110,7 @@ fn slowloris(backend: &str) {
 /// `--header-timeout` has passed since the head began: the timeout bounds the
 /// whole head, not the pause between two reads.
 fn slowloris_trickle(backend: &str) {
-    let server = Server::start(backend, &["--header-timeout", "1s"]);
+    let server = Server::start(BINARY, backend, &["--header-timeout", "1s"]);
     let addr = server.addr();
     let start = Instant::now();
     let mut slow = Conn::connect(addr).expect("connect");
@@ -161,7 +162,7 @@ fn slowloris_trickle(backend: &str) {
 
 /// Invalid or conflicting Content-Length is a 400, never a guess.
 fn bad_content_length(backend: &str) {
-    let server = Server::start(backend, &[]);
+    let server = Server::start(BINARY, backend, &[]);
     let addr = server.addr();
     let cases: [(&str, &[u8]); 4] = [
         (
@@ -197,7 +198,7 @@ fn bad_content_length(backend: &str) {
 /// Chunked bodies are decoded whatever the split, a malformed one is a 400,
 /// and a request pipelined after one is framed right (no desync).
 fn chunked_bodies(backend: &str) {
-    let server = Server::start(backend, &[]);
+    let server = Server::start(BINARY, backend, &[]);
     let addr = server.addr();
 
     // Several chunks, an extension and a trailer, split across writes (even
@@ -268,7 +269,7 @@ fn chunked_bodies(backend: &str) {
 /// Pipelined requests are answered in order; nothing after a
 /// `Connection: close` request is answered.
 fn pipelining(backend: &str) {
-    let server = Server::start(backend, &[]);
+    let server = Server::start(BINARY, backend, &[]);
     let addr = server.addr();
 
     // Three in one write, the first the slowest: three answers, in order.
@@ -351,7 +352,7 @@ fn never_read(addr: SocketAddr) -> io::Result<()> {
 /// blocks the server's writes: after `--write-timeout` the server closes
 /// that connection, and other connections are served all along.
 fn client_that_never_reads(backend: &str) {
-    let server = Server::start(backend, &["--write-timeout", "1s"]);
+    let server = Server::start(BINARY, backend, &["--write-timeout", "1s"]);
     let addr = server.addr();
     let (done_tx, done_rx) = mpsc::channel();
     let client = std::thread::spawn(move || {
@@ -398,7 +399,7 @@ fn health(server: &Server, conn: &mut Conn, what: &str) {
 /// request waits (it is not refused) and is answered as soon as one of the
 /// first two connections closes.
 fn max_connections_is_backpressure(backend: &str) {
-    let server = Server::start(backend, &["--max-connections", "2"]);
+    let server = Server::start(BINARY, backend, &["--max-connections", "2"]);
     let addr = server.addr();
     let mut first = Conn::connect(addr).expect("connect the first client");
     health(&server, &mut first, "first client");

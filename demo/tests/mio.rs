@@ -84,7 +84,7 @@ fn served_conn(server: &Server) -> Conn {
 
 #[test]
 fn an_idle_server_does_not_spin() {
-    let server = Server::start("mio", &[]);
+    let server = Server::start(BINARY, "mio", &[]);
     let pid = server.pid();
     let mut conn = served_conn(&server);
     // Another connection, idle with its idle timeout armed meanwhile.
@@ -142,7 +142,7 @@ fn the_old_generation_serves_again_when_the_new_one_dies_while_it_drains() {
     let dir = TempDir::new("mio-resume");
     let binary = dir.path().join("baton-demo");
     deploy_copy(Path::new(BINARY), &binary);
-    let mut server = Server::start_binary(&binary, "mio", &[]);
+    let mut server = Server::start(&binary, "mio", &[]);
     let old = server.pid();
     // The next "generation" reports ready, then dies at once.
     deploy_bytes(
@@ -177,10 +177,10 @@ mod cross_runtime {
     use std::path::Path;
     use std::time::Duration;
 
-    use baton_demo::load::{Load, LoadConfig};
     use nix::sys::signal::Signal;
+    use testkit::load::{Load, LoadConfig};
 
-    use super::common::{get, Server, TempDir, LINE_TIMEOUT};
+    use super::common::{get, Server, TempDir, BINARY, LINE_TIMEOUT};
 
     /// The backend `pid` logged its `serving` line with.
     fn backend_of(server: &mut Server, pid: u32) -> String {
@@ -226,7 +226,7 @@ mod cross_runtime {
         let file = dir.path().join("backend");
         choose_backend(&file, "tokio");
         let file_arg = file.to_str().expect("a UTF-8 temp path");
-        let mut server = Server::start("tokio", &["--backend-file", file_arg]);
+        let mut server = Server::start(BINARY, "tokio", &["--backend-file", file_arg]);
         let first = server.pid();
         let load = Load::start(LoadConfig {
             keep_alive_connections: 8,

@@ -20,8 +20,9 @@
 //! Every wait is on a log line, a datagram, a command's exit or a pid,
 //! bounded in time; servers listen on loopback.
 
-#[macro_use]
 mod common;
+
+use testkit::per_backend;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -29,12 +30,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use baton_demo::load::{Load, LoadConfig};
 use common::{
     deploy_bytes, deploy_copy, get, proc_state, Conn, Server, TempDir, BINARY, LINE_TIMEOUT,
     REQUEST_TIMEOUT,
 };
 use nix::sys::signal::Signal;
+use testkit::load::{Load, LoadConfig};
 
 per_backend! {
     fn socket_activated_upgrades_under_load;
@@ -88,7 +89,7 @@ impl Deploy {
         let control = self.control();
         let mut all = vec!["--control", control.to_str().expect("UTF-8 temp path")];
         all.extend_from_slice(args);
-        Server::start_binary(&self.binary(), backend, &all)
+        Server::start(self.binary(), backend, &all)
     }
 }
 
@@ -403,7 +404,7 @@ fn pid_file_follows_the_serving_process(backend: &str) {
     dead.wait().expect("reap true");
     std::fs::write(&pid_file, format!("{dead_pid}\n")).expect("write a stale PID file");
 
-    let mut server = Server::start(backend, &["--pid-file", arg]);
+    let mut server = Server::start(BINARY, backend, &["--pid-file", arg]);
     let expect = |server: &Server, pid: u32, when: &str| {
         let content = read_pid(&pid_file);
         server.check(

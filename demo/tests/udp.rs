@@ -11,8 +11,9 @@
 //! (a loss there could only be the socket's receive buffer overflowing
 //! while no process was scheduled to read), and their count is printed.
 
-#[macro_use]
 mod common;
+
+use testkit::per_backend;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};

@@ -9,8 +9,9 @@
 //! new file). A missing file during the storm would show as refused
 //! requests in the load report.
 
-#[macro_use]
 mod common;
+
+use testkit::per_backend;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,9 +19,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use baton_demo::load::{Load, LoadConfig};
 use common::{Server, TempDir, BINARY, LINE_TIMEOUT};
 use nix::sys::signal::Signal;
+use testkit::load::{Load, LoadConfig};
 
 per_backend! {
     fn unix_socket_storm;

@@ -3,12 +3,52 @@
 //! failed request while the restart-without-handoff baseline has some, and
 //! that every timeline SVG was written. No timing is asserted: the numbers
 //! depend on the machine, the structure and the failure counts do not.
+//!
+//! **Where the demo binary comes from.** A test in this package cannot use
+//! `CARGO_BIN_EXE_baton-demo` (that is only set for the demo's own tests),
+//! and artifact dependencies are unstable. So the test takes `baton-demo`
+//! from the directory cargo put `baton-bench` in (`target/debug/`). Under
+//! `cargo test --workspace` cargo has built it there already, fresh, before
+//! any test runs (the demo's own integration tests need it). Under
+//! `cargo test -p baton-bench` on a fresh clone it is missing: the test then
+//! runs `cargo build -p baton-demo --all-features` itself (the `CARGO` that
+//! runs the tests, same target directory) and fails with that command's
+//! output if it cannot. An existing binary is used as it is: after changing
+//! the demo, test the workspace, or build the demo, to bench the new code.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_baton-bench");
-const SERVER: &str = env!("CARGO_BIN_EXE_baton-demo");
+
+/// `baton-demo` next to `baton-bench`, built first if it is missing.
+fn server() -> PathBuf {
+    let server = Path::new(BENCH).with_file_name("baton-demo");
+    if server.is_file() {
+        return server;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.args(["build", "-p", "baton-demo", "--all-features"]);
+    // The same target directory as this test, wherever CARGO_TARGET_DIR points.
+    if let Some(target) = Path::new(BENCH).parent().and_then(Path::parent) {
+        command.arg("--target-dir").arg(target);
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    command.arg("--manifest-path").arg(manifest);
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        output.status.success() && server.is_file(),
+        "{command:?}: {}, no {}\n{}",
+        output.status,
+        server.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    server
+}
 
 /// The cells of the table row for `scenario`, after the leading `| backend |`.
 fn row<'a>(table: &'a str, backend: &str, scenario: &str) -> Option<Vec<&'a str>> {
@@ -51,7 +91,8 @@ fn short_run_reports_every_scenario() {
         "--backend",
         "tokio",
     ]);
-    command.args(["--connections", "8", "--server", SERVER, "--out"]);
+    command.args(["--connections", "8", "--server"]);
+    command.arg(server()).arg("--out");
     command.arg(&out);
     let output = command.output().expect("run baton-bench");
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -1,10 +1,25 @@
-//! `baton-bench`: the same restart scenario on every compiled backend, side by side.
+//! `baton-bench`: the same restart scenario on every backend, side by side.
 //!
-//! For each backend it starts the demo server (the `baton-demo` next to this
-//! executable, or `--server PATH`) on `127.0.0.1:0`, drives it with
-//! [`crate::load`] over `--connections` keep-alive connections (one load
-//! thread each, in this process) and runs three scenarios, each on a fresh
-//! server for `--duration`:
+//! ```text
+//! cargo run --release -p baton-bench [-- --duration 10s --backend tokio,mio …]
+//! ```
+//!
+//! **Which server.** The bench runs `baton-demo` as a separate process: the
+//! binary next to its own executable (`target/release/baton-demo` for
+//! `target/release/baton-bench`), or `--server PATH`. Run through cargo
+//! (cargo sets `CARGO` for `cargo run`), it first runs
+//! `cargo build -p baton-demo --all-features` with its own profile and
+//! target directory, so that one command builds the demo fresh and with every
+//! backend (a no-op when it is up to date). Run directly, it uses the binary
+//! as it is; if there is none, it fails with the command that builds it. It
+//! asks the demo which backends it has (the demo's own "not compiled in;
+//! available: …" answer to an unknown `--backend`), compares all of them by
+//! default, and names the build command when some are missing.
+//!
+//! For each backend it starts the demo server on `127.0.0.1:0`, drives it
+//! with [`testkit::load`] over `--connections` keep-alive connections (one
+//! load thread each, in this process) and runs three scenarios, each on a
+//! fresh server for `--duration`:
 //!
 //! - **steady**: load only: throughput and latency p50 / p99 / max;
 //! - **upgrades**: the same load while the current generation gets SIGHUP
@@ -49,8 +64,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::cli::{parse_duration, BACKENDS};
-use crate::load::{Load, LoadConfig, Report};
+use testkit::load::{Load, LoadConfig, Report};
+
+/// Every backend baton-demo can be built with, in table order.
+pub const BACKENDS: &[&str] = &["tokio", "smol", "mio"];
+/// The command that builds the demo with every backend (add `--release` for
+/// a release bench).
+const BUILD: &str = "cargo build -p baton-demo --all-features";
 
 /// Bound on a server reaching `serving`, an upgrade or restart finishing, and
 /// the final drain. Generous: the demo's own upgrade timeout is 10 s.
@@ -68,15 +88,17 @@ const MAX_LINES: u64 = 10_000_000;
 /// Attempts to start the fresh server of a restart (the port can be briefly busy).
 const START_ATTEMPTS: u32 = 5;
 
-/// Runs the same load and restart scenarios against every compiled backend
-/// of baton-demo and prints a Markdown table; writes an SVG timeline per run.
+/// Runs the same load and restart scenarios against every backend compiled
+/// into baton-demo and prints a Markdown table; writes an SVG timeline per run.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "baton-bench", version)]
 pub struct Options {
-    /// The demo server binary. Default: `baton-demo` next to this executable.
+    /// The demo server binary. Default: `baton-demo` next to this executable
+    /// (built first when run through `cargo run`).
     #[arg(long, value_name = "PATH")]
     pub server: Option<PathBuf>,
-    /// Backends to compare, comma-separated or repeated. Default: all compiled in.
+    /// Backends to compare, comma-separated or repeated. Default: every one
+    /// compiled into the server.
     #[arg(long = "backend", value_name = "NAME", value_delimiter = ',')]
     pub backends: Vec<String>,
     /// Scenarios to run, comma-separated or repeated.
@@ -150,42 +172,31 @@ impl std::error::Error for BenchError {}
 /// Run every backend and scenario, print the table. `Ok(false)` when some run
 /// failed or a baton run saw failed requests: the table is printed anyway.
 pub fn run(options: &Options) -> Result<bool, BenchError> {
-    let server = match &options.server {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| BenchError(format!("cannot find this executable: {e}")))?
-            .with_file_name("baton-demo"),
-    };
-    let build = "cargo build --release -p baton-demo --all-features --bins";
-    if !server.is_file() {
-        return Err(BenchError(format!(
-            "no server binary at {} (build it with `{build}`, or pass --server PATH)",
-            server.display()
-        )));
-    }
-    // `cargo run --bin baton-bench` builds only this binary: say so when the
-    // server next to it looks stale, as its backends may differ.
-    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    if let (Ok(me), None) = (std::env::current_exe(), &options.server) {
-        if modified(&server) < modified(&me) {
+    let server = server_binary(options)?;
+    let available = compiled_backends(&server)?;
+    let backends: Vec<String> = if options.backends.is_empty() {
+        if available.len() < BACKENDS.len() {
             eprintln!(
-                "bench: warning: {} is older than this executable; `{build}` rebuilds both",
-                server.display()
+                "bench: note: {} has only {}; `{BUILD} --release` builds every backend",
+                server.display(),
+                available.join(", ")
             );
         }
-    }
-    let backends: Vec<String> = if options.backends.is_empty() {
-        BACKENDS.iter().map(|b| (*b).to_owned()).collect()
+        available.clone()
     } else {
         options.backends.clone()
     };
     if backends.is_empty() {
-        return Err(BenchError("no backend compiled in".to_owned()));
-    }
-    if let Some(unknown) = backends.iter().find(|b| !BACKENDS.contains(&b.as_str())) {
         return Err(BenchError(format!(
-            "backend {unknown:?} is not compiled in; available: {}",
-            BACKENDS.join(", ")
+            "{} has no backend compiled in (build it with `{BUILD} --release`)",
+            server.display()
+        )));
+    }
+    if let Some(unknown) = backends.iter().find(|b| !available.contains(b)) {
+        return Err(BenchError(format!(
+            "backend {unknown:?} is not compiled into {}; available: {} (build every backend with `{BUILD} --release`)",
+            server.display(),
+            available.join(", ")
         )));
     }
     if options.connections == 0 || options.duration.is_zero() || options.upgrade_every.is_zero() {
@@ -232,6 +243,157 @@ pub fn run(options: &Options) -> Result<bool, BenchError> {
             .filter(|r| r.scenario != Scenario::Restart)
             .all(|r| r.report.failed() == 0 && r.restart_failures.is_empty());
     Ok(clean)
+}
+
+/// The server to run: `--server PATH`, or the `baton-demo` next to this
+/// executable, which is built first when the bench runs under cargo.
+fn server_binary(options: &Options) -> Result<PathBuf, BenchError> {
+    if let Some(path) = &options.server {
+        if !path.is_file() {
+            return Err(BenchError(format!(
+                "no server binary at {}",
+                path.display()
+            )));
+        }
+        return Ok(path.clone());
+    }
+    let me = std::env::current_exe()
+        .map_err(|e| BenchError(format!("cannot find this executable: {e}")))?;
+    let server = me.with_file_name("baton-demo");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        build_demo(&cargo, &me)?;
+    }
+    if !server.is_file() {
+        return Err(BenchError(format!(
+            "no server binary at {} (build it with `{BUILD} --release`, or pass --server PATH)",
+            server.display()
+        )));
+    }
+    // Run directly, the server next to us may be stale: say so.
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    if modified(&server) < modified(&me) {
+        eprintln!(
+            "bench: warning: {} is older than this executable; `{BUILD} --release` rebuilds it",
+            server.display()
+        );
+    }
+    Ok(server)
+}
+
+/// `cargo build -p baton-demo --all-features` into the directory `me` (this
+/// executable) is in: the same target directory and profile, so the demo
+/// lands next to the bench. Cargo's output goes to our stderr.
+fn build_demo(cargo: &std::ffi::OsStr, me: &Path) -> Result<(), BenchError> {
+    let profile_dir = me
+        .parent()
+        .ok_or_else(|| BenchError("no parent directory".into()))?;
+    let mut command = Command::new(cargo);
+    command.args(["build", "-p", "baton-demo", "--all-features"]);
+    // The workspace this bench was built from, wherever it is run from.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    if manifest.is_file() {
+        command.arg("--manifest-path").arg(manifest);
+    }
+    match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            command.arg("--release");
+        }
+        Some(profile) => {
+            command.args(["--profile", profile]);
+        }
+        None => {}
+    }
+    if let Some(target) = profile_dir.parent() {
+        command.arg("--target-dir").arg(target);
+    }
+    eprintln!("bench: building the demo with every backend: {command:?}");
+    let status = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(|e| BenchError(format!("cannot run {command:?}: {e}")))?;
+    if !status.success() {
+        return Err(BenchError(format!("{command:?} failed: {status}")));
+    }
+    Ok(())
+}
+
+/// The backends compiled into `server`, from its answer to an unknown
+/// `--backend`: `backend "…" is not compiled in; available: tokio, smol`.
+/// It exits before binding anything; bounded by [`STEP_BOUND`].
+fn compiled_backends(server: &Path) -> Result<Vec<String>, BenchError> {
+    let mut child = Command::new(server)
+        .args(["--listen", "127.0.0.1:0", "--backend", "baton-bench-probe"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| BenchError(format!("cannot run {}: {e}", server.display())))?;
+    let stderr = child.stderr.take();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut stderr) = stderr {
+            // Bounded: a few lines, then EOF when the server exits.
+            let _ = stderr.by_ref().take(64 * 1024).read_to_string(&mut text);
+        }
+        let _ = tx.send(text);
+    });
+    let text = rx.recv_timeout(STEP_BOUND);
+    if text.is_err() {
+        // Ours, started above: stop it by pid.
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let text = text.map_err(|_| {
+        BenchError(format!(
+            "{} did not answer an unknown --backend within {STEP_BOUND:?}",
+            server.display()
+        ))
+    })?;
+    available_backends(&text).ok_or_else(|| {
+        BenchError(format!(
+            "{} did not list its backends (is it baton-demo?): {text:?}",
+            server.display()
+        ))
+    })
+}
+
+/// The known backends in the `available: A, B` list of the demo's error
+/// output, in table order; `None` without such a list.
+fn available_backends(text: &str) -> Option<Vec<String>> {
+    let available = text
+        .lines()
+        .find_map(|line| line.split_once("available: ").map(|(_, list)| list))?;
+    Some(
+        BACKENDS
+            .iter()
+            .filter(|b| available.split(',').any(|a| a.trim() == **b))
+            .map(|b| (*b).to_owned())
+            .collect(),
+    )
+}
+
+/// `250ms`, `10s`, `2m`, or a number of seconds: the demo's own duration
+/// syntax (a copy of `baton_demo::cli::parse_duration`, so the bench does
+/// not depend on the demo).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 250ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "" | "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+    }
 }
 
 /// What one run measured.
@@ -1084,7 +1246,32 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    use crate::load::FailureKind;
+    use testkit::load::FailureKind;
+
+    #[test]
+    fn backends_from_the_demo_answer() {
+        let all = "baton-demo: error: backend \"baton-bench-probe\" is not compiled in; available: mio, smol, tokio\n";
+        assert_eq!(
+            available_backends(all),
+            Some(vec!["tokio".into(), "smol".into(), "mio".into()])
+        );
+        let one = "baton-demo: error: backend \"x\" is not compiled in; available: smol\n";
+        assert_eq!(available_backends(one), Some(vec!["smol".into()]));
+        assert_eq!(
+            available_backends("error: unexpected argument '--backend'\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10h").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
 
     #[test]
     fn parses_log_lines() {
