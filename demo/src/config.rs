@@ -142,7 +142,7 @@ fn apply_text(options: &Options, text: &str) -> Result<Options, String> {
 /// A listener name must be one the handoff protocol can carry
 /// (`LISTEN_FDNAMES` is colon-separated) and not the control socket's.
 fn validate_name(name: &str) -> Result<(), String> {
-    if name == crate::control::LISTENER_NAME {
+    if name == baton_core::control::LISTENER_NAME {
         return Err(format!(
             "listener name {name:?} is reserved for the --control socket"
         ));

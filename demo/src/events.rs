@@ -32,6 +32,7 @@ impl Events {
         let _ = std::io::stderr().write_all(line.as_bytes());
     }
 
+    #[cfg(feature = "mio")]
     /// Log how an upgrade ended, as every backend does, and return the
     /// control socket's answer line for it.
     pub fn upgrade_outcome(

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "mio")]
 pub mod control;
 pub mod control_client;
 pub mod events;

@@ -30,7 +30,7 @@ thread_local! {
 }
 
 /// A runtime's stream, as this module needs it.
-pub trait Io: Send + 'static {
+pub trait Io: Send + Sync + 'static {
     /// Resolve once the stream may be readable.
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Read what is there without waiting (`WouldBlock` if nothing).
