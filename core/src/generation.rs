@@ -435,7 +435,14 @@ impl Generation {
         *lock(&self.successor) = Some(upgraded.pid);
         // Tell our own parent, if it still watches us, that a newer
         // generation serves now: our death must not make it serve again.
-        if let Err(e) = self.report(&[HANDED_OVER], false) {
+        // A parent that has exited reads no more: then there is nobody to
+        // tell (and writing would raise SIGPIPE).
+        let parent_gone = lock(&self.ready)
+            .as_ref()
+            .is_none_or(|fd| sys::reader_gone(fd.as_fd()));
+        if parent_gone {
+            *lock(&self.ready) = None;
+        } else if let Err(e) = self.report(&[HANDED_OVER], false) {
             log::debug!("cannot tell the previous generation about the hand-over: {e}");
         }
         self.stop.stop_with(StopReason::Upgraded);

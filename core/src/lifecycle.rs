@@ -313,6 +313,7 @@ impl Lifecycle {
                 self.stop("stop requested", now);
             }
         }
+        self.unreaped = self.generation.reap_exited();
     }
 
     /// Something in [`watched`](Self::watched) is readable (or may be):
@@ -357,7 +358,6 @@ impl Lifecycle {
     /// the end of the watch, reaping. Also call it when connections close
     /// during the drain (the async driver waits on the tracker for that).
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.unreaped = self.generation.reap_exited();
         let timed_out = self
             .upgrade
             .as_ref()
@@ -375,6 +375,8 @@ impl Lifecycle {
             self.poll_upgrade();
         }
         self.advance_drain(now);
+        // Last: a child killed above is counted, and its reap timed.
+        self.unreaped = self.generation.reap_exited();
     }
 
     /// The next thing to do, if any.

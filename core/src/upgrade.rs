@@ -206,7 +206,7 @@ impl Upgrader {
         children.retain(|child| match child.try_wait() {
             Ok(None) => true,
             Ok(Some(status)) => {
-                log::debug!("reaped new process {}: {status}", child.pid());
+                log::info!("reaped new process {} ({status})", child.pid());
                 false
             }
             Err(e) => {
@@ -454,6 +454,7 @@ impl PendingUpgrade {
             }
             Ok(Some(status)) => {
                 self.child = None;
+                log::info!("reaped new process {} ({status})", self.pid);
                 if !self.report.is_empty() {
                     return Poll::Ready(self.settle_report(self.report.len()));
                 }
@@ -564,7 +565,7 @@ impl PendingUpgrade {
             return;
         };
         match child.try_wait() {
-            Ok(Some(status)) => log::debug!("new process {}: {status}", self.pid),
+            Ok(Some(status)) => log::info!("reaped new process {} ({status})", self.pid),
             Ok(None) => {
                 log::debug!("new process {} killed, reaped later", self.pid);
                 lock(&self.reaper).push(child);
@@ -589,7 +590,7 @@ impl AsRawFd for PendingUpgrade {
 impl Drop for PendingUpgrade {
     fn drop(&mut self) {
         if !self.settled {
-            log::warn!("upgrade to pid {} abandoned: killing it", self.pid);
+            log::debug!("upgrade to pid {} abandoned: killing it", self.pid);
             self.fail();
         }
     }

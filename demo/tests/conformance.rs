@@ -26,7 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    deploy_bytes, deploy_copy, fd_count, fd_links, get, inherited_from_tests, proc_state, request,
+    deploy_bytes, deploy_copy, fd_count, fd_links, get, inherited_from_tests, request,
     zombie_children, Conn, Server, TempDir, BACKENDS, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT,
 };
 use nix::sys::signal::Signal;
@@ -71,22 +71,6 @@ impl Deploy {
     fn restore(&self) {
         deploy_copy(Path::new(BINARY), &self.binary());
     }
-}
-
-/// Assert that `pid`, the child of a failed upgrade of `parent`, is gone:
-/// no such process, or (its pid reused) not a child of `parent`.
-fn assert_child_gone(server: &mut Server, parent: u32, child: u32) {
-    server.poll();
-    let state = proc_state(child);
-    server.check(
-        !matches!(state, Some((_, ppid)) if ppid == parent),
-        format_args!("the failed upgrade's process {child} still exists: {state:?}"),
-    );
-    let zombies = zombie_children(parent);
-    server.check(
-        zombies.is_empty(),
-        format_args!("zombie children of {parent}: {zombies:?}"),
-    );
 }
 
 /// Assert the serving pid still answers `GET /` itself, as generation `generation`.
@@ -195,6 +179,10 @@ fn restart_storm(backend: &str) {
         server.generation() == STORM_UPGRADES,
         format_args!("serving generation {}", server.generation()),
     );
+    // A generation started by an upgrade holds one fd more than generation
+    // 0: its readiness pipe to its parent, kept open to report a hand-over
+    // of its own (DESIGN.md, the wire protocol). Anything else is a leak.
+    let first_fds = first_fds + 1;
     // Connections of the load may still be closing: re-count after each real
     // round trip, a bounded number of times.
     let mut last_fds = 0;
@@ -308,7 +296,7 @@ fn failed_upgrade_keeps_serving(backend: &str) {
         format_args!("unexpected failure line: {}", failed.text),
     );
     assert_still_serves(&mut server, pid, 0);
-    assert_child_gone(&mut server, pid, child);
+    server.assert_child_reaped(pid, child);
 
     // (b) A binary that never reports ready.
     deploy.replace_with_script("#!/bin/sh\nexec sleep 30\n");
@@ -322,7 +310,7 @@ fn failed_upgrade_keeps_serving(backend: &str) {
         format_args!("unexpected failure line: {}", failed.text),
     );
     assert_still_serves(&mut server, pid, 0);
-    assert_child_gone(&mut server, pid, child);
+    server.assert_child_reaped(pid, child);
 
     // (c) The real binary again.
     deploy.restore();
@@ -575,7 +563,7 @@ fn second_sighup_during_upgrade_is_refused(backend: &str) {
         format_args!("{others} upgrades were started, expected 1"),
     );
     assert_still_serves(&mut server, pid, 0);
-    assert_child_gone(&mut server, pid, child);
+    server.assert_child_reaped(pid, child);
 }
 
 /// `--backend` naming a backend that is not compiled in is a clear error

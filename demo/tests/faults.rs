@@ -133,24 +133,6 @@ fn assert_serves(server: &Server, pid: u32, generation: u64) {
     }
 }
 
-/// Assert `child`, started by `parent`, is gone (not a child of `parent`
-/// and not an orphan reparented to this test process), and that `parent`
-/// has no zombie children.
-fn assert_child_gone(server: &mut Server, parent: u32, child: u32) {
-    server.poll();
-    let state = proc_state(child);
-    let us = std::process::id();
-    server.check(
-        !matches!(state, Some((_, ppid)) if ppid == parent || ppid == us),
-        format_args!("the upgrade's process {child} still exists: {state:?}"),
-    );
-    let zombies = zombie_children(parent);
-    server.check(
-        zombies.is_empty(),
-        format_args!("zombie children of {parent}: {zombies:?}"),
-    );
-}
-
 /// Assert generation `pid` exited 0 after its `exit` line. Its status is
 /// unknown (`None`) when it exited while its parent still watched it (rapid
 /// upgrades: the parent drains for longer than its successor lives): the
@@ -382,7 +364,7 @@ fn binary_faults(backend: &str) {
         format_args!("garbage report: unexpected line: {}", failed.text),
     );
     assert_serves(&server, pid, 0);
-    assert_child_gone(&mut server, pid, child);
+    server.assert_child_reaped(pid, child);
 
     // (d) The real binary again.
     deploy.restore();
@@ -427,7 +409,7 @@ fn init_error_reaches_the_old_process(backend: &str) {
         ),
     );
     assert_serves(&server, pid, 0);
-    assert_child_gone(&mut server, pid, child);
+    server.assert_child_reaped(pid, child);
     drop(held);
     eprintln!("{backend}: {}", failed.message());
 }
@@ -592,7 +574,7 @@ fn sigterm_during_upgrade(backend: &str) {
         format_args!("exit status {:?}, expected 0", exit.status),
     );
     // The old process is reaped; its child must not live on as an orphan.
-    assert_child_gone(&mut server, pid, child);
+    server.assert_child_reaped(pid, child);
 }
 
 /// SIGKILL of the old process while it drains a `/sleep/3000`: the new one

@@ -18,14 +18,14 @@
 //! Every wait is on a log line, a response or a pid, bounded in time;
 //! traffic goes to loopback only.
 
-#[macro_use]
 mod common;
 
+use testkit::per_backend;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use baton_demo::load::{Load, LoadConfig};
+use testkit::load::{Load, LoadConfig};
 use common::{get, Conn, Server, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT};
 use nix::sys::signal::Signal;
 

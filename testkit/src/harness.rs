@@ -587,6 +587,32 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Assert that `child`, the process of a failed or abandoned upgrade of
+    /// `parent`, is gone: `parent` logged that it reaped it (baton reaps
+    /// killed children without blocking its event loop, so that may come
+    /// just after the `upgrade failed` line), it is no child of `parent` nor
+    /// an orphan of this test process, and `parent` has no zombie children.
+    #[track_caller]
+    pub fn assert_child_reaped(&mut self, parent: u32, child: u32) {
+        let reaped = format!("reaped new process {child} (");
+        if self.find(parent, |m| m.starts_with(&reaped)).is_none() {
+            self.wait_for_pid(parent, &reaped, LINE_TIMEOUT);
+        }
+        let state = crate::proc::proc_state(child);
+        let us = std::process::id();
+        self.check(
+            !matches!(state, Some((_, ppid)) if ppid == parent || ppid == us),
+            format_args!("the upgrade's process {child} still exists: {state:?}"),
+        );
+        let zombies = crate::proc::zombie_children(parent);
+        self.check(
+            zombies.is_empty(),
+            format_args!("zombie children of {parent}: {zombies:?}"),
+        );
+    }
+}
+
+impl Server {
     /// Whether `pid` is the running upgrade child of some generation.
     fn pending_child(&self, pid: u32) -> bool {
         self.pending.values().any(|&p| p == pid)

@@ -133,6 +133,19 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) ->
     Ok(poll(&mut fds, timeout)? > 0)
 }
 
+/// True if nobody reads the pipe `fd` writes to any more (`POLLERR` on a
+/// write end): writing would raise `SIGPIPE`.
+pub(crate) fn reader_gone(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)),
+        Err(_) => true,
+    }
+}
+
 /// The uid of the process at the other end of a Unix socket (`SO_PEERCRED`),
 /// for a control socket that answers only its owner.
 pub(crate) fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
