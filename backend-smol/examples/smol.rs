@@ -6,7 +6,8 @@
 //! seconds, the old one serves again.
 //!
 //! Every request (head only) is answered with the pid and generation that
-//! served it; keep-alive until the server drains, then `Connection: close`.
+//! served it (also in `X-Baton-*` headers, which the project's load client
+//! checks); keep-alive until the server drains, then `Connection: close`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,10 +70,12 @@ async fn http(mut stream: Stream, mut conn: Connection, generation: u64) {
             continue;
         };
         buf.drain(..end + 4);
-        let body = format!("hello from pid {} generation {generation}\n", std::process::id());
+        let pid = std::process::id();
+        let body = format!("hello from pid {pid} generation {generation} backend smol\n");
         let close = if conn.is_draining() { "close" } else { "keep-alive" };
         let head = format!(
-            "HTTP/1.1 200 OK\r\nx-baton-generation: {generation}\r\nconnection: {close}\r\ncontent-length: {}\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nx-baton-pid: {pid}\r\nx-baton-generation: {generation}\r\n\
+             x-baton-backend: smol\r\nconnection: {close}\r\ncontent-length: {}\r\n\r\n",
             body.len()
         );
         if stream.write_all((head + &body).as_bytes()).await.is_err() || close == "close" {

@@ -4,7 +4,8 @@
 //! hands it the sockets; `kill -TERM` or `batonctl stop` stops gracefully.
 //! If the new generation dies in its first seconds, the old one serves again.
 //!
-//! Routes: `/` names the pid and generation that answered, `/sleep/{ms}`
+//! Routes: `/` names the pid and generation that answered (also in
+//! `X-Baton-*` headers, which the project's load client checks), `/sleep/{ms}`
 //! answers after a delay (in-flight work an upgrade must not cut).
 
 use std::path::PathBuf;
@@ -40,12 +41,14 @@ async fn main() -> Result<(), baton_tokio::Error> {
     for (index, addr) in args.listen.iter().enumerate() {
         server.listen(&format!("http-{index}"), addr)?;
     }
-    let generation = server.generation().to_string();
-    let headers = [("x-baton-generation", generation.clone())];
-    let hello = move || async move {
-        let pid = std::process::id();
-        (headers, format!("hello from pid {pid} generation {generation}\n"))
-    };
+    let (pid, generation) = (std::process::id(), server.generation());
+    let headers = [
+        ("x-baton-pid", pid.to_string()),
+        ("x-baton-generation", generation.to_string()),
+        ("x-baton-backend", "axum".to_owned()),
+    ];
+    let body = format!("hello from pid {pid} generation {generation} backend axum\n");
+    let hello = move || async move { (headers, body) };
     let sleep = |Path(ms): Path<u64>| async move {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         format!("slept {ms} ms\n")

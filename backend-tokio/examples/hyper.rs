@@ -5,7 +5,8 @@
 //! `batonctl stop` stops gracefully. If the new generation dies in its first
 //! seconds, the old one serves again.
 //!
-//! Every request is answered with the pid and generation that served it.
+//! Every request is answered with the pid and generation that served it
+//! (also in `X-Baton-*` headers, which the project's load client checks).
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -43,13 +44,14 @@ async fn main() -> Result<(), baton_tokio::Error> {
     for (index, addr) in args.listen.iter().enumerate() {
         server.listen(&format!("http-{index}"), addr)?;
     }
-    let generation = server.generation();
+    let (pid, generation) = (std::process::id(), server.generation());
     let hello = move |_request: Request<Incoming>| async move {
-        let pid = std::process::id();
-        let body = format!("hello from pid {pid} generation {generation}\n");
+        let body = format!("hello from pid {pid} generation {generation} backend hyper\n");
         let mut response = Response::new(Full::new(Bytes::from(body)));
-        let header = HeaderValue::from(generation);
-        response.headers_mut().insert("x-baton-generation", header);
+        let headers = response.headers_mut();
+        headers.insert("x-baton-pid", HeaderValue::from(pid));
+        headers.insert("x-baton-generation", HeaderValue::from(generation));
+        headers.insert("x-baton-backend", HeaderValue::from_static("hyper"));
         Ok::<_, Infallible>(response)
     };
     server

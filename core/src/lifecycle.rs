@@ -582,7 +582,11 @@ impl Lifecycle {
         let connections_done = self.generation.tracker().open() == 0
             || drain.give_up.is_some_and(|at| at <= now);
         let watch_over = drain.successor.is_none() || drain.watch_until <= now;
-        if connections_done && watch_over {
+        // A killed child dies within moments: reap it before exiting, so it
+        // is not left to whoever inherits it (bounded by the drain deadline).
+        self.unreaped = self.generation.reap_exited();
+        let children_done = self.unreaped == 0 || drain.deadline <= now;
+        if connections_done && watch_over && children_done {
             let report = self.generation.tracker().report();
             log::info!("drained: {report}");
             log::info!("exit");

@@ -519,9 +519,16 @@ fn listen_socket(fd: OwnedFd) -> ListenSocket {
     }
 }
 
-/// Say which passed socket became which listener.
+/// Say which passed socket became which listener. Claimed by its own name,
+/// it is what every upgrade does (the `listening on … (inherited)` line says
+/// it): only the other matches are worth the operator's attention.
 fn log_claim(listener: &str, asked: &str, passed: &Inherited, how: Match) {
-    log::info!(
+    let level = match how {
+        Match::Name => log::Level::Debug,
+        Match::Address | Match::Lone => log::Level::Info,
+    };
+    log::log!(
+        level,
         "listener {listener:?} (asked for {asked}) uses inherited socket {:?} (fd {}, {}): {how}",
         passed.name,
         passed.fd.as_raw_fd(),
