@@ -42,6 +42,7 @@
 //! # }
 //! ```
 
+pub mod duration;
 pub mod notify;
 pub mod pidfile;
 pub mod protocol;
