@@ -51,6 +51,7 @@ pub mod upgrade;
 mod error;
 mod generation;
 mod listeners;
+mod program;
 mod stop;
 mod sys;
 mod tracker;
