@@ -11,6 +11,11 @@
 //! Everything that waits is an fd or a future that a backend (`baton-tokio`,
 //! `baton-smol`, `baton-mio`) drives in its own reactor.
 //!
+//! The library never changes the process environment, so the variables a
+//! generation inherited (`LISTEN_*`, `BATON_*`, `NOTIFY_SOCKET`) stay in it:
+//! pass every `std::process::Command` the application spawns through
+//! [`clear_inherited_env`] so its subprocesses do not inherit them.
+//!
 //! The three traits a backend implements or uses are [`ListenerHandoff`],
 //! [`StopSignal`] and [`ConnectionState`].
 //!
@@ -72,6 +77,7 @@ pub fn peer_uid(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
 }
 pub use generation::{current_program, Config, Generation, Successor, SuccessorWatch};
 pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
+pub use protocol::clear_inherited_env;
 pub use stop::{StopReason, StopSignal, StopToken};
 pub use sys::ExitStatus;
 pub use tracker::{Connection, ConnectionState, DrainReport, Tracker};

@@ -15,6 +15,10 @@
 //!
 //! Nothing here touches the process environment: reading takes a lookup
 //! function, writing returns the pairs to put in the child's environment.
+//!
+//! So the variables stay in this process's environment, and every process
+//! the application spawns would inherit them (and `NOTIFY_SOCKET`): give
+//! such a `Command` to [`clear_inherited_env`] first.
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -197,6 +201,49 @@ pub fn is_protocol_var(name: &str) -> bool {
         name,
         LISTEN_FDS | LISTEN_PID | LISTEN_FDNAMES | BATON_READY_FD | BATON_GENERATION
     )
+}
+
+/// The variables [`clear_inherited_env`] removes: the protocol's own
+/// ([`is_protocol_var`]) and systemd's `NOTIFY_SOCKET`.
+pub const INHERITED_VARS: &[&str] = &[
+    LISTEN_FDS,
+    LISTEN_PID,
+    LISTEN_FDNAMES,
+    BATON_READY_FD,
+    BATON_GENERATION,
+    crate::notify::NOTIFY_SOCKET,
+];
+
+/// Remove the variables a server inherited from its parent or from systemd
+/// ([`INHERITED_VARS`]: `LISTEN_*`, `BATON_*`, `NOTIFY_SOCKET`) from the
+/// environment of `command`, one of the application's own subprocesses.
+///
+/// baton never mutates the process environment (`set_var` is unsound in a
+/// threaded program), so these variables stay in it and every process the
+/// application spawns inherits them. `LISTEN_PID` keeps a well-behaved
+/// subprocess from taking the `LISTEN_*` sockets, but not every program
+/// checks it, and with `NotifyAccess=all` any process that finds
+/// `NOTIFY_SOCKET` can tell systemd `MAINPID=` or `READY=1` on the server's
+/// behalf. Call this on every `Command` the application builds, unless the
+/// subprocess is meant to speak systemd's protocol itself. Other variables
+/// are left as they are.
+///
+/// ```
+/// use std::process::Command;
+///
+/// let output = baton_core::clear_inherited_env(Command::new("/bin/sh").args(["-c", "env"]))
+///     .env("GREETING", "hello")
+///     .output()?;
+/// let env = String::from_utf8_lossy(&output.stdout);
+/// assert!(!env.lines().any(|l| l.starts_with("LISTEN_PID=") || l.starts_with("NOTIFY_SOCKET=")));
+/// assert!(env.lines().any(|l| l == "GREETING=hello"));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn clear_inherited_env(command: &mut std::process::Command) -> &mut std::process::Command {
+    for name in INHERITED_VARS {
+        command.env_remove(name);
+    }
+    command
 }
 
 /// Check that `name` can travel in `LISTEN_FDNAMES` (systemd's rule: at most
