@@ -11,6 +11,7 @@ use crate::lifecycle::Timeouts;
 use crate::listeners::{ListenAddr, ListenSocket, ListenerHandoff, Listeners, Origin};
 use crate::notify::{self, Notifier};
 use crate::pidfile::PidFile;
+pub use crate::program::current_program;
 use crate::protocol;
 use crate::stop::{StopReason, StopToken};
 use crate::sys::{self, ExitStatus};
@@ -592,37 +593,4 @@ fn adopt_ready_fd(fd: std::os::fd::RawFd) -> Result<OwnedFd, Error> {
         return Err(problem("not open for writing".to_owned()));
     }
     Ok(owned)
-}
-
-/// The path this process was started from, made absolute against the
-/// working directory at start-up, and not resolved through symlinks: after a
-/// deploy replaces the file, or a `current -> releases/v2` link is switched,
-/// the next generation runs the new release. (`/proc/self/exe` would name the
-/// old, possibly deleted, file.) Falls back to `/proc/self/exe` only when
-/// `argv[0]` leads nowhere.
-pub fn current_program() -> std::io::Result<PathBuf> {
-    let argv0 = std::env::args_os().next().map(PathBuf::from);
-    let found = argv0.and_then(|argv0| {
-        if argv0.as_os_str().as_encoded_bytes().contains(&b'/') {
-            std::env::current_dir().ok().map(|cwd| cwd.join(argv0))
-        } else {
-            search_path(&argv0)
-        }
-    });
-    match found {
-        Some(path) if path.is_file() => Ok(path),
-        _ => std::env::current_exe(),
-    }
-}
-
-/// Look `name` up in `$PATH`, as the shell did when it started us.
-fn search_path(name: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| {
-            std::fs::metadata(candidate)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
 }

@@ -11,6 +11,11 @@
 //! Everything that waits is an fd or a future that a backend (`baton-tokio`,
 //! `baton-smol`, `baton-mio`) drives in its own reactor.
 //!
+//! The library never changes the process environment, so the variables a
+//! generation inherited (`LISTEN_*`, `BATON_*`, `NOTIFY_SOCKET`) stay in it:
+//! pass every `std::process::Command` the application spawns through
+//! [`clear_inherited_env`] so its subprocesses do not inherit them.
+//!
 //! The three traits a backend implements or uses are [`ListenerHandoff`],
 //! [`StopSignal`] and [`ConnectionState`].
 //!
@@ -43,6 +48,7 @@
 //! ```
 
 pub mod control;
+pub mod duration;
 pub mod lifecycle;
 pub mod notify;
 pub mod pidfile;
@@ -56,6 +62,7 @@ mod generation;
 mod limits;
 mod listeners;
 pub mod logger;
+mod program;
 mod signals;
 mod stop;
 mod sys;
@@ -78,6 +85,7 @@ pub fn peer_uid(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
 pub use generation::{current_program, Config, Generation, Successor, SuccessorWatch};
 pub use limits::{raise_fd_limit, FdLimit};
 pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
+pub use protocol::clear_inherited_env;
 pub use stop::{StopReason, StopToken};
 pub use sys::{ExitStatus, SpawnMethod};
 pub use tracker::{Connection, DrainReport, Tracker};

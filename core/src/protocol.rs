@@ -15,6 +15,10 @@
 //!
 //! Nothing here touches the process environment: reading takes a lookup
 //! function, writing returns the pairs to put in the child's environment.
+//!
+//! So the variables stay in this process's environment, and every process
+//! the application spawns would inherit them (and `NOTIFY_SOCKET`): give
+//! such a `Command` to [`clear_inherited_env`] first.
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -71,6 +75,10 @@ pub enum ProtocolError {
     /// control character.
     #[error("invalid socket name {0:?}: 1 to 255 printable characters, no ':'")]
     InvalidName(String),
+    /// `BATON_GENERATION` is the largest number there is: no generation
+    /// can follow it ([`next_generation`]).
+    #[error("BATON_GENERATION is {0}: too large for a next generation to be numbered")]
+    GenerationOverflow(u64),
 }
 
 /// What a parent passed to this process, read from its environment.
@@ -165,11 +173,25 @@ pub fn parse(
         }
     };
     let generation = number(BATON_GENERATION)?.unwrap_or(0);
+    // Refused here, at start-up, rather than at the first upgrade: the value
+    // came from the environment, and a server that cannot upgrade should say
+    // so before it serves.
+    next_generation(generation)?;
     Ok(Passed {
         names,
         ready_fd,
         generation,
     })
+}
+
+/// The number of the generation after `generation`, checked:
+/// [`ProtocolError::GenerationOverflow`] instead of an overflow when
+/// `generation` is `u64::MAX` (only a forged `BATON_GENERATION` gets there,
+/// and [`parse`] already refuses it).
+pub fn next_generation(generation: u64) -> Result<u64, ProtocolError> {
+    generation
+        .checked_add(1)
+        .ok_or(ProtocolError::GenerationOverflow(generation))
 }
 
 /// True for the variables this protocol owns: a parent strips them from the
@@ -179,6 +201,49 @@ pub fn is_protocol_var(name: &str) -> bool {
         name,
         LISTEN_FDS | LISTEN_PID | LISTEN_FDNAMES | BATON_READY_FD | BATON_GENERATION
     )
+}
+
+/// The variables [`clear_inherited_env`] removes: the protocol's own
+/// ([`is_protocol_var`]) and systemd's `NOTIFY_SOCKET`.
+pub const INHERITED_VARS: &[&str] = &[
+    LISTEN_FDS,
+    LISTEN_PID,
+    LISTEN_FDNAMES,
+    BATON_READY_FD,
+    BATON_GENERATION,
+    crate::notify::NOTIFY_SOCKET,
+];
+
+/// Remove the variables a server inherited from its parent or from systemd
+/// ([`INHERITED_VARS`]: `LISTEN_*`, `BATON_*`, `NOTIFY_SOCKET`) from the
+/// environment of `command`, one of the application's own subprocesses.
+///
+/// baton never mutates the process environment (`set_var` is unsound in a
+/// threaded program), so these variables stay in it and every process the
+/// application spawns inherits them. `LISTEN_PID` keeps a well-behaved
+/// subprocess from taking the `LISTEN_*` sockets, but not every program
+/// checks it, and with `NotifyAccess=all` any process that finds
+/// `NOTIFY_SOCKET` can tell systemd `MAINPID=` or `READY=1` on the server's
+/// behalf. Call this on every `Command` the application builds, unless the
+/// subprocess is meant to speak systemd's protocol itself. Other variables
+/// are left as they are.
+///
+/// ```
+/// use std::process::Command;
+///
+/// let output = baton_core::clear_inherited_env(Command::new("/bin/sh").args(["-c", "env"]))
+///     .env("GREETING", "hello")
+///     .output()?;
+/// let env = String::from_utf8_lossy(&output.stdout);
+/// assert!(!env.lines().any(|l| l.starts_with("LISTEN_PID=") || l.starts_with("NOTIFY_SOCKET=")));
+/// assert!(env.lines().any(|l| l == "GREETING=hello"));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn clear_inherited_env(command: &mut std::process::Command) -> &mut std::process::Command {
+    for name in INHERITED_VARS {
+        command.env_remove(name);
+    }
+    command
 }
 
 /// Check that `name` can travel in `LISTEN_FDNAMES` (systemd's rule: at most
@@ -329,6 +394,23 @@ mod tests {
                     value: "1.5".into(),
                 },
             ),
+            (
+                &[
+                    ("LISTEN_PID", "42"),
+                    ("BATON_GENERATION", "18446744073709551615"),
+                ],
+                ProtocolError::GenerationOverflow(u64::MAX),
+            ),
+            (
+                &[
+                    ("LISTEN_PID", "42"),
+                    ("BATON_GENERATION", "18446744073709551616"),
+                ],
+                ProtocolError::InvalidValue {
+                    name: BATON_GENERATION,
+                    value: "18446744073709551616".into(),
+                },
+            ),
         ];
         for (vars, expected) in cases {
             assert_eq!(parse(env(vars), 42).unwrap_err(), *expected, "{vars:?}");
@@ -369,6 +451,25 @@ mod tests {
         assert!(!is_protocol_var("PATH"));
     }
 
+    #[test]
+    fn next_generation_is_checked() {
+        assert_eq!(next_generation(0), Ok(1));
+        assert_eq!(next_generation(u64::MAX - 1), Ok(u64::MAX));
+        assert_eq!(
+            next_generation(u64::MAX),
+            Err(ProtocolError::GenerationOverflow(u64::MAX))
+        );
+        let passed = parse(
+            env(&[
+                ("LISTEN_PID", "42"),
+                ("BATON_GENERATION", "18446744073709551614"),
+            ]),
+            42,
+        )
+        .unwrap();
+        assert_eq!(next_generation(passed.generation), Ok(u64::MAX));
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
         #[test]
@@ -387,6 +488,30 @@ mod tests {
                 if let Some(fd) = passed.ready_fd {
                     proptest::prop_assert!(fd >= Passed::fd(passed.names.len()));
                 }
+                // Whatever was accepted can be upgraded from.
+                proptest::prop_assert!(next_generation(passed.generation).is_ok());
+            }
+        }
+
+        #[test]
+        fn every_accepted_generation_has_a_successor_and_round_trips(generation in proptest::prelude::any::<u64>()) {
+            let text = generation.to_string();
+            let parsed = parse(env(&[("LISTEN_PID", "7"), (BATON_GENERATION, &text)]), 7);
+            match next_generation(generation) {
+                Ok(next) => {
+                    proptest::prop_assert_eq!(parsed.map(|p| p.generation), Ok(generation));
+                    // What a parent writes for its child parses back.
+                    let vars = child_vars(&["http"], next).unwrap();
+                    let mut pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    pairs.push(("LISTEN_PID", "9"));
+                    let child = parse(env(&pairs), 9);
+                    if next == u64::MAX {
+                        proptest::prop_assert_eq!(child, Err(ProtocolError::GenerationOverflow(next)));
+                    } else {
+                        proptest::prop_assert_eq!(child.map(|p| p.generation), Ok(next));
+                    }
+                }
+                Err(e) => proptest::prop_assert_eq!(parsed, Err(e)),
             }
         }
     }

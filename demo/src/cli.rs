@@ -230,23 +230,11 @@ fn parse_max_connections(text: &str) -> Result<usize, String> {
     }
 }
 
-/// Parse `250ms`, `10s`, `2m`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 250ms, 10s or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(number)),
-        "" | "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
-        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
-    }
-}
+/// Parse `250ms`, `10s`, `2m`, or a bare number of seconds, at most
+/// [`MAX_DURATION`](baton_core::duration::MAX_DURATION) (24 hours): one
+/// parser for every flag and config key, so no timeout can overflow a
+/// deadline.
+pub use baton_core::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {
