@@ -520,6 +520,14 @@ impl Generation {
             self.notify(&format!(
                 "READY=1\nSTATUS=serving; last upgrade failed: {reason}"
             ));
+            // The new process may have claimed the PID file before it failed:
+            // this process serves, so the file names it again.
+            if let Some(path) = &self.pid_file_path {
+                match PidFile::claim(path, error.pid()) {
+                    Ok(file) => *lock(&self.pid_file) = Some(file),
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
         }
     }
 

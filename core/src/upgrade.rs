@@ -262,7 +262,7 @@ impl Upgrader {
             path: self.program.clone(),
             source,
         })?;
-        let generation = self.generation + 1;
+        let generation = protocol::next_generation(self.generation)?;
         let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
         let vars = protocol::child_vars(&names, generation)?;
         let (ready_read, ready_write) = sys::readiness_pipe().map_err(UpgradeError::Spawn)?;
@@ -379,7 +379,13 @@ impl PendingUpgrade {
 
     /// When the child must have reported; call [`time_out`](Self::time_out) then.
     pub fn deadline(&self) -> Instant {
-        self.started + self.timeout
+        // A timeout too large for an Instant (set through the API, not a
+        // parsed flag) means "never": a year is as good.
+        let never = Duration::from_secs(365 * 24 * 3600);
+        self.started
+            .checked_add(self.timeout)
+            .or_else(|| self.started.checked_add(never))
+            .unwrap_or(self.started)
     }
 
     /// The child's pidfd, readable once it has exited: register it next to
@@ -598,6 +604,21 @@ impl Drop for PendingUpgrade {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl UpgradeError {
+    /// The new process this error is about, if one was started.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            UpgradeError::Exec { pid, .. }
+            | UpgradeError::ChildExited { pid, .. }
+            | UpgradeError::ChildFailed { pid, .. }
+            | UpgradeError::BadReport { pid, .. }
+            | UpgradeError::Timeout { pid, .. }
+            | UpgradeError::Io { pid, .. } => Some(*pid),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Upgraded {

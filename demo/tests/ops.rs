@@ -438,8 +438,12 @@ fn pid_file_follows_the_serving_process(backend: &str) {
         format_args!("PID file still there after a graceful stop: {left:?}"),
     );
 
-    // A file naming a live process (this test) is a clear start-up error.
-    std::fs::write(&pid_file, format!("{}\n", std::process::id())).expect("write a PID file");
+    // A file naming another live server (a baton-demo this test started) is
+    // a clear start-up error. (A pid now used by an unrelated program is
+    // replaced: `core/src/pidfile.rs` tests that.)
+    let other = Server::start(BINARY, backend, &[]);
+    let owner = other.pid();
+    std::fs::write(&pid_file, format!("{owner}\n")).expect("write a PID file");
     let output = Command::new(BINARY)
         .args([
             "--listen",
@@ -449,21 +453,18 @@ fn pid_file_follows_the_serving_process(backend: &str) {
             "--pid-file",
             arg,
         ])
+        .stdin(std::process::Stdio::null())
         .output()
         .expect("run the demo");
     let ran = Ran::from(output);
     assert!(
-        ran.code == Some(1)
-            && ran.stderr.contains(&format!(
-                "names process {}, which is running",
-                std::process::id()
-            )),
-        "a PID file naming a live process must stop the start: {ran:?}"
+        ran.code == Some(1) && ran.stderr.contains(&format!("names process {owner}, which is running")),
+        "a PID file naming a live server must stop the start: {ran:?}"
     );
     assert_eq!(
         read_pid(&pid_file).map(|s| s.trim().to_owned()),
-        Some(std::process::id().to_string()),
-        "the other process's PID file was touched"
+        Some(owner.to_string()),
+        "the other server's PID file was touched"
     );
 }
 
