@@ -649,3 +649,7 @@ impl Lifecycle {
         self.events.push_back(Event::Resume);
     }
 }
+
+#[cfg(test)]
+#[path = "lifecycle_tests.rs"]
+mod tests;

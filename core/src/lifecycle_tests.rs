@@ -1,0 +1,314 @@
+//! The lifecycle driven by hand, as a backend would drive it, against small
+//! shell scripts standing in for the next generation: upgrades that succeed,
+//! fail, time out or are refused, stops (during an upgrade, during a drain),
+//! the successor watch and resume, hand-overs, the idle grace and status.
+//!
+//! The "reactor" is poll(2) on the lifecycle's watched fds, bounded by the
+//! lifecycle's own timeout, a round count and a deadline; nothing sleeps to
+//! synchronise. Signals are not installed here (they are process-wide); the
+//! signal pipes have their own test, and the process-level suites send real
+//! signals.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::*;
+use crate::{Config, Generation};
+
+/// A shell script as the "next generation". With no listeners passed, its
+/// readiness fd is 3.
+fn script(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("baton-lifecycle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn lifecycle(program: &std::path::Path, timeouts: Timeouts) -> Lifecycle {
+    let config = Config::default()
+        .program(program)
+        .args(vec![program.as_os_str().to_owned()])
+        .upgrade_timeout(Duration::from_secs(10));
+    let mut lifecycle = Lifecycle::new(Generation::from_env(config).unwrap(), timeouts);
+    lifecycle.ready().unwrap();
+    lifecycle
+}
+
+/// Short timeouts for tests that wait for the drain to end.
+fn quick() -> Timeouts {
+    Timeouts {
+        drain: Duration::from_secs(10),
+        successor_watch: Duration::from_millis(100),
+        force_grace: Duration::from_millis(100),
+        idle_grace: Duration::from_millis(50),
+    }
+}
+
+/// Drive `lifecycle` until `until` accepts an event; returns every event
+/// seen. Fails after 20 s or 10 000 rounds.
+fn drive(lifecycle: &mut Lifecycle, mut until: impl FnMut(&Event) -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    for _ in 0..10_000 {
+        while let Some(event) = lifecycle.poll_event() {
+            let done = until(&event);
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+        assert!(Instant::now() < deadline, "no such event; saw {seen:?}");
+        let wait = lifecycle
+            .poll_timeout()
+            .map_or(Duration::from_millis(100), |at| {
+                at.saturating_duration_since(Instant::now())
+            })
+            .min(Duration::from_millis(100));
+        let watched = lifecycle.watched();
+        let mut fds: Vec<PollFd<'_>> = watched
+            .all()
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+        poll(&mut fds, timeout).unwrap();
+        drop(fds);
+        drop(watched);
+        lifecycle.handle_readable(Instant::now());
+    }
+    panic!("too many rounds; saw {seen:?}");
+}
+
+fn answer_of(events: &[Event], to: ReplyTo) -> Option<&Answer> {
+    events.iter().find_map(|event| match event {
+        Event::Answer { reply, answer } if *reply == to => Some(answer),
+        _ => None,
+    })
+}
+
+fn upgraded_pid(events: &[Event], to: ReplyTo) -> u32 {
+    match answer_of(events, to) {
+        Some(Answer::Upgraded(done)) => done.pid,
+        other => panic!("expected an upgrade, got {other:?}; events {events:?}"),
+    }
+}
+
+fn kill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+#[test]
+fn a_ready_child_completes_the_upgrade_then_the_drain_ends_after_the_watch() {
+    let path = script("ready.sh", "printf 1 >&3\nexec sleep 30");
+    let mut lifecycle = lifecycle(&path, quick());
+    let now = Instant::now();
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(1)), now);
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Exit(_)));
+    let pid = upgraded_pid(&events, ReplyTo(1));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::StopAccepting(StopReason::Upgraded))));
+    assert!(lifecycle.is_done());
+    kill(pid);
+}
+
+#[test]
+fn a_child_that_exits_fails_the_upgrade_and_serving_goes_on() {
+    let path = script("exit1.sh", "exit 1");
+    let mut lifecycle = lifecycle(&path, quick());
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(7)), Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
+    match answer_of(&events, ReplyTo(7)) {
+        Some(Answer::UpgradeFailed(reason)) => {
+            assert!(reason.contains("exit status 1"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!lifecycle.is_stopping());
+    // Status remembers the failure.
+    lifecycle.request(Request::Status, Some(ReplyTo(8)), Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
+    match answer_of(&events, ReplyTo(8)) {
+        Some(Answer::Status(status)) => {
+            assert_eq!(status.pid, std::process::id());
+            assert!(matches!(&status.last_upgrade, Some(Err(r)) if r.contains("exit status 1")));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_second_upgrade_is_refused_while_one_runs_and_a_silent_child_times_out() {
+    let path = script("silent.sh", "exec sleep 30");
+    let config = Config::default()
+        .program(&path)
+        .args(vec![path.as_os_str().to_owned()])
+        .upgrade_timeout(Duration::from_millis(300));
+    let mut lifecycle = Lifecycle::new(Generation::from_env(config).unwrap(), quick());
+    lifecycle.ready().unwrap();
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(1)), Instant::now());
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(2)), Instant::now());
+    let events = drive(&mut lifecycle, |e| {
+        matches!(e, Event::Answer { reply: ReplyTo(1), .. })
+    });
+    match answer_of(&events, ReplyTo(2)) {
+        Some(Answer::UpgradeFailed(reason)) => assert!(reason.contains("already running")),
+        other => panic!("{other:?}"),
+    }
+    match answer_of(&events, ReplyTo(1)) {
+        Some(Answer::UpgradeFailed(reason)) => assert!(reason.contains("did not report ready")),
+        other => panic!("{other:?}"),
+    }
+    // The killed child is reaped without blocking the loop, on the
+    // lifecycle's own reap timer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lifecycle.generation().reap_exited() > 0 {
+        assert!(Instant::now() < deadline, "the timed-out child was never reaped");
+        let at = lifecycle.poll_timeout().expect("a reap timer while a child is unreaped");
+        let wait = at.saturating_duration_since(Instant::now());
+        poll(&mut [], PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX)).unwrap();
+        lifecycle.handle_timeout(Instant::now());
+    }
+    assert!(!lifecycle.is_stopping());
+}
+
+#[test]
+fn a_stop_during_an_upgrade_abandons_it_and_the_server_exits() {
+    let path = script("hang.sh", "exec sleep 30");
+    let mut lifecycle = lifecycle(&path, quick());
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(1)), Instant::now());
+    lifecycle.request(Request::Stop, Some(ReplyTo(2)), Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Exit(_)));
+    match answer_of(&events, ReplyTo(1)) {
+        Some(Answer::UpgradeFailed(reason)) => assert!(reason.contains("stopping")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(answer_of(&events, ReplyTo(2)), Some(&Answer::Stopping));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::StopAccepting(StopReason::Shutdown))));
+    // Exit waits until the killed child is reaped.
+    assert_eq!(lifecycle.generation().reap_exited(), 0);
+}
+
+#[test]
+fn a_successor_that_dies_while_this_generation_drains_makes_it_serve_again() {
+    let path = script("ready-hang.sh", "printf 1 >&3\nexec sleep 30");
+    let mut timeouts = quick();
+    timeouts.successor_watch = Duration::from_secs(10);
+    let mut lifecycle = lifecycle(&path, timeouts);
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(1)), Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
+    let pid = upgraded_pid(&events, ReplyTo(1));
+    kill(pid);
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Resume | Event::Exit(_)));
+    assert!(matches!(events.last(), Some(Event::Resume)), "{events:?}");
+    assert!(!lifecycle.is_stopping());
+    // Serving again: upgrades are allowed again.
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(2)), Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
+    kill(upgraded_pid(&events, ReplyTo(2)));
+}
+
+/// Issue 12 item 3: a stop is sticky. Stopped while draining, this
+/// generation does not serve again when its successor dies.
+#[test]
+fn after_a_stop_a_dying_successor_does_not_make_this_generation_serve_again() {
+    let path = script("ready-hang2.sh", "printf 1 >&3\nexec sleep 30");
+    let mut timeouts = quick();
+    timeouts.successor_watch = Duration::from_secs(10);
+    let mut lifecycle = lifecycle(&path, timeouts);
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(1)), Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
+    let pid = upgraded_pid(&events, ReplyTo(1));
+    lifecycle.request(Request::Stop, None, Instant::now());
+    kill(pid);
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Resume | Event::Exit(_)));
+    assert!(matches!(events.last(), Some(Event::Exit(_))), "{events:?}");
+}
+
+/// Issue 12 item 9: a stop during the drain ends it at once; what is left
+/// is closed and counted as forced.
+#[test]
+fn a_stop_during_the_drain_forces_what_is_left() {
+    let path = script("unused.sh", "exit 0");
+    let mut timeouts = quick();
+    timeouts.drain = Duration::from_secs(3600);
+    let mut lifecycle = lifecycle(&path, timeouts);
+    let mut busy = lifecycle.generation().tracker().track();
+    busy.set_busy();
+    lifecycle.request(Request::Stop, None, Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::StopAccepting(_)));
+    assert!(!events.iter().any(|e| matches!(e, Event::ForceClose)));
+    lifecycle.request(Request::Stop, None, Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::ForceClose));
+    assert!(lifecycle.generation().tracker().is_forced(), "{events:?}");
+    drop(busy);
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Exit(_)));
+    match events.last() {
+        Some(Event::Exit(report)) => assert_eq!(report.forced, 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Issue 12 item 4: A upgraded to B, B to C, then B died: A must not serve
+/// beside C. B says so on its readiness pipe after "ready".
+#[test]
+fn a_successor_that_handed_over_does_not_make_this_generation_serve_again() {
+    let fifo = std::env::temp_dir().join(format!("baton-lifecycle-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let path = script(
+        "handover.sh",
+        &format!("printf 1 >&3\nread line < {}\nprintf H >&3\nexit 3", fifo.display()),
+    );
+    let mut timeouts = quick();
+    timeouts.successor_watch = Duration::from_secs(10);
+    let mut lifecycle = lifecycle(&path, timeouts);
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(1)), Instant::now());
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
+    upgraded_pid(&events, ReplyTo(1));
+    // Let the successor report its hand-over, then die with status 3.
+    std::fs::write(&fifo, "go\n").unwrap();
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Resume | Event::Exit(_)));
+    assert!(matches!(events.last(), Some(Event::Exit(_))), "{events:?}");
+    let _ = std::fs::remove_file(&fifo);
+}
+
+#[test]
+fn idle_connections_are_told_to_close_after_the_idle_grace() {
+    let path = script("unused2.sh", "exit 0");
+    let mut lifecycle = lifecycle(&path, quick());
+    let idle = lifecycle.generation().tracker().track();
+    lifecycle.request(Request::Stop, None, Instant::now());
+    assert!(!lifecycle.generation().tracker().is_closing_idle());
+    drive(&mut lifecycle, |e| matches!(e, Event::CloseIdle));
+    assert!(lifecycle.generation().tracker().is_closing_idle());
+    drop(idle);
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Exit(_)));
+    match events.last() {
+        Some(Event::Exit(report)) => assert_eq!(report.closed_idle, 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_watched_fds_change_with_the_epoch() {
+    let path = script("ready3.sh", "printf 1 >&3\nexec sleep 30");
+    let mut lifecycle = lifecycle(&path, quick());
+    let before = (lifecycle.watch_epoch(), lifecycle.watched().all().count());
+    lifecycle.request(Request::Upgrade, Some(ReplyTo(1)), Instant::now());
+    let during = lifecycle.watched().all().map(|fd| fd.as_raw_fd()).count();
+    assert_ne!(lifecycle.watch_epoch(), before.0);
+    assert!(during > before.1);
+    let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
+    kill(upgraded_pid(&events, ReplyTo(1)));
+}
