@@ -73,9 +73,9 @@ impl<R: Runtime, L: Accept> std::fmt::Debug for Server<R, L> {
 }
 
 impl<R: Runtime, L: Accept> Server<R, L> {
-    /// Adopt what the previous generation (or systemd) passed and install
-    /// the signal handlers. The control socket, if `config` names one, is
-    /// opened by [`serve`](Self::serve).
+    /// Adopt what the previous generation (or systemd) passed, install the
+    /// signal handlers, and open the control socket if `config` names one
+    /// (it accepts once [`serve`](Self::serve) runs).
     pub fn new(runtime: R, config: Config) -> Result<Self, Error> {
         let generation = Generation::from_env(config.clone())?;
         let mut server = Server {
@@ -93,6 +93,9 @@ impl<R: Runtime, L: Accept> Server<R, L> {
             if let Err(e) = server.lifecycle.handle_signals() {
                 return Err(server.fail(Error::Signals(e)));
             }
+        }
+        if let Some(path) = server.config.control.clone() {
+            server.control = Some(server.open_control(&path)?);
         }
         Ok(server)
     }
@@ -199,11 +202,6 @@ impl<R: Runtime, L: Accept> Server<R, L> {
         H: Fn(L::Stream, Connection) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        // After the application's listeners, so they come first in the
-        // handoff and in the log.
-        if let Some(path) = self.config.control.clone() {
-            self.control = Some(self.open_control(&path)?);
-        }
         if let Err(e) = self.lifecycle.ready() {
             if matches!(e, Error::PidFile(_)) {
                 // Another live server owns the PID file: refuse to start.
@@ -663,3 +661,7 @@ async fn write_all<R: Runtime + ?Sized>(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
