@@ -72,7 +72,11 @@ async fn http(mut stream: Stream, mut conn: Connection, generation: u64) {
         buf.drain(..end + 4);
         let pid = std::process::id();
         let body = format!("hello from pid {pid} generation {generation} backend smol\n");
-        let close = if conn.is_draining() { "close" } else { "keep-alive" };
+        let close = if conn.is_draining() {
+            "close"
+        } else {
+            "keep-alive"
+        };
         let head = format!(
             "HTTP/1.1 200 OK\r\nx-baton-pid: {pid}\r\nx-baton-generation: {generation}\r\n\
              x-baton-backend: smol\r\nconnection: {close}\r\ncontent-length: {}\r\n\r\n",

@@ -31,6 +31,8 @@
 #![forbid(unsafe_code)]
 
 mod listener;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -41,12 +43,12 @@ use async_executor::Executor;
 use async_io::{Async, Timer};
 use baton_core::runtime::{BoxFuture, Runtime};
 
+pub use baton_core::logger;
 pub use baton_core::server::Handle;
 pub use baton_core::{
     Config, Connection, DrainReport, Error, ListenAddr, Origin, StopReason, StopToken, Tracker,
     UpgradeError, Upgraded,
 };
-pub use baton_core::logger;
 pub use listener::{Listener, Stream};
 
 /// A generation of a smol server: `Server::new(Smol::new(executor), config)`.

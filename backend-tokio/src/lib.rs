@@ -41,6 +41,8 @@ pub mod axum;
 #[cfg(feature = "hyper")]
 pub mod hyper;
 mod listener;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -50,12 +52,12 @@ use baton_core::runtime::{BoxFuture, Runtime};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+pub use baton_core::logger;
+pub use baton_core::server::Handle;
 pub use baton_core::{
     Config, Connection, DrainReport, Error, ListenAddr, Origin, StopReason, StopToken, Tracker,
     UpgradeError, Upgraded,
 };
-pub use baton_core::server::Handle;
-pub use baton_core::logger;
 pub use listener::{Listener, Stream};
 
 /// A generation of a tokio server: `Server::new(Tokio, config)`.

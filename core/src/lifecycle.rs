@@ -278,7 +278,9 @@ impl Lifecycle {
             watched.signals.extend(signals.fds());
         }
         if let Some(upgrade) = &self.upgrade {
-            watched.upgrade.push(std::os::fd::AsFd::as_fd(&upgrade.pending));
+            watched
+                .upgrade
+                .push(std::os::fd::AsFd::as_fd(&upgrade.pending));
             watched.upgrade.extend(upgrade.pending.exit_fd());
         }
         if let Some(successor) = self.drain.as_ref().and_then(|d| d.successor.as_ref()) {
@@ -526,10 +528,7 @@ impl Lifecycle {
             now
         };
         self.epoch += 1;
-        log::info!(
-            "draining {} connections",
-            self.generation.tracker().open()
-        );
+        log::info!("draining {} connections", self.generation.tracker().open());
         self.drain = Some(Drain {
             close_idle_at: Some(now.checked_add(self.timeouts.idle_grace).unwrap_or(now)),
             deadline: now.checked_add(self.timeouts.drain).unwrap_or(now),
@@ -579,8 +578,8 @@ impl Lifecycle {
         let Some(drain) = &self.drain else {
             return;
         };
-        let connections_done = self.generation.tracker().open() == 0
-            || drain.give_up.is_some_and(|at| at <= now);
+        let connections_done =
+            self.generation.tracker().open() == 0 || drain.give_up.is_some_and(|at| at <= now);
         let watch_over = drain.successor.is_none() || drain.watch_until <= now;
         // A killed child dies within moments: reap it before exiting, so it
         // is not left to whoever inherits it (bounded by the drain deadline).

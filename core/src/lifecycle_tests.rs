@@ -156,7 +156,13 @@ fn a_second_upgrade_is_refused_while_one_runs_and_a_silent_child_times_out() {
     lifecycle.request(Request::Upgrade, Some(ReplyTo(1)), Instant::now());
     lifecycle.request(Request::Upgrade, Some(ReplyTo(2)), Instant::now());
     let events = drive(&mut lifecycle, |e| {
-        matches!(e, Event::Answer { reply: ReplyTo(1), .. })
+        matches!(
+            e,
+            Event::Answer {
+                reply: ReplyTo(1),
+                ..
+            }
+        )
     });
     match answer_of(&events, ReplyTo(2)) {
         Some(Answer::UpgradeFailed(reason)) => assert!(reason.contains("already running")),
@@ -170,10 +176,19 @@ fn a_second_upgrade_is_refused_while_one_runs_and_a_silent_child_times_out() {
     // lifecycle's own reap timer.
     let deadline = Instant::now() + Duration::from_secs(10);
     while lifecycle.generation().reap_exited() > 0 {
-        assert!(Instant::now() < deadline, "the timed-out child was never reaped");
-        let at = lifecycle.poll_timeout().expect("a reap timer while a child is unreaped");
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out child was never reaped"
+        );
+        let at = lifecycle
+            .poll_timeout()
+            .expect("a reap timer while a child is unreaped");
         let wait = at.saturating_duration_since(Instant::now());
-        poll(&mut [], PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX)).unwrap();
+        poll(
+            &mut [],
+            PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
+        )
+        .unwrap();
         lifecycle.handle_timeout(Instant::now());
     }
     assert!(!lifecycle.is_stopping());
@@ -208,7 +223,9 @@ fn a_successor_that_dies_while_this_generation_drains_makes_it_serve_again() {
     let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
     let pid = upgraded_pid(&events, ReplyTo(1));
     kill(pid);
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Resume | Event::Exit(_)));
+    let events = drive(&mut lifecycle, |e| {
+        matches!(e, Event::Resume | Event::Exit(_))
+    });
     assert!(matches!(events.last(), Some(Event::Resume)), "{events:?}");
     assert!(!lifecycle.is_stopping());
     // Serving again: upgrades are allowed again.
@@ -230,7 +247,9 @@ fn after_a_stop_a_dying_successor_does_not_make_this_generation_serve_again() {
     let pid = upgraded_pid(&events, ReplyTo(1));
     lifecycle.request(Request::Stop, None, Instant::now());
     kill(pid);
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Resume | Event::Exit(_)));
+    let events = drive(&mut lifecycle, |e| {
+        matches!(e, Event::Resume | Event::Exit(_))
+    });
     assert!(matches!(events.last(), Some(Event::Exit(_))), "{events:?}");
 }
 
@@ -267,7 +286,10 @@ fn a_successor_that_handed_over_does_not_make_this_generation_serve_again() {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let path = script(
         "handover.sh",
-        &format!("printf 1 >&3\nread line < {}\nprintf H >&3\nexit 3", fifo.display()),
+        &format!(
+            "printf 1 >&3\nread line < {}\nprintf H >&3\nexit 3",
+            fifo.display()
+        ),
     );
     let mut timeouts = quick();
     timeouts.successor_watch = Duration::from_secs(10);
@@ -277,7 +299,9 @@ fn a_successor_that_handed_over_does_not_make_this_generation_serve_again() {
     upgraded_pid(&events, ReplyTo(1));
     // Let the successor report its hand-over, then die with status 3.
     std::fs::write(&fifo, "go\n").unwrap();
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Resume | Event::Exit(_)));
+    let events = drive(&mut lifecycle, |e| {
+        matches!(e, Event::Resume | Event::Exit(_))
+    });
     assert!(matches!(events.last(), Some(Event::Exit(_))), "{events:?}");
     let _ = std::fs::remove_file(&fifo);
 }

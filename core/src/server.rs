@@ -35,7 +35,8 @@ const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A task run on a datagram socket while this generation serves: it gets
 /// the socket and the stop token, and should return once stopped (the next
 /// generation reads the rest of the shared queue).
-type DatagramTask = Arc<dyn Fn(std::net::UdpSocket, StopToken) -> BoxFuture<'static, ()> + Send + Sync>;
+type DatagramTask =
+    Arc<dyn Fn(std::net::UdpSocket, StopToken) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// A request from a control connection or a [`Handle`], with where its
 /// answer goes.
@@ -122,14 +123,21 @@ impl<R: Runtime, L: Accept> Server<R, L> {
     /// Run `task` on the UDP socket `name` (inherited, or bound to `addr`)
     /// while this generation serves, and again if it serves again after
     /// its successor died.
-    pub fn datagram<F, Fut>(&mut self, name: &str, addr: std::net::SocketAddr, task: F) -> Result<(), Error>
+    pub fn datagram<F, Fut>(
+        &mut self,
+        name: &str,
+        addr: std::net::SocketAddr,
+        task: F,
+    ) -> Result<(), Error>
     where
         F: Fn(std::net::UdpSocket, StopToken) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         match self.lifecycle.generation().datagram(name, addr) {
             Ok((socket, origin)) => {
-                let local = socket.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+                let local = socket
+                    .local_addr()
+                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
                 log::info!(
                     "listening on udp:{local} ({name}, {})",
                     crate::generation::origin_word(origin)
@@ -383,7 +391,6 @@ impl Handle {
     }
 }
 
-
 /// Resolve with the first of `futures` to resolve.
 async fn first_of<T>(mut futures: Vec<BoxFuture<'_, T>>) -> T {
     std::future::poll_fn(|cx: &mut Context<'_>| {
@@ -428,7 +435,10 @@ async fn accept_loop<R, L, H, F>(
     loop {
         // Back-pressure: at the limit, new clients wait in the kernel's
         // accept queue until a connection closes.
-        if unless_stopped(&stop, tracker.below(max_connections)).await.is_none() {
+        if unless_stopped(&stop, tracker.below(max_connections))
+            .await
+            .is_none()
+        {
             break;
         }
         let Some(accepted) = unless_stopped(&stop, listener.accept()).await else {

@@ -67,11 +67,9 @@ impl ListenerHandoff for TestListener {
 
 impl Accept for TestListener {
     type Stream = std::net::TcpStream;
-    fn accept(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send {
-        async move {
-            let (stream, _) = self.0.accept().await?;
-            stream.into_inner()
-        }
+    async fn accept(&self) -> io::Result<Self::Stream> {
+        let (stream, _) = self.0.accept().await?;
+        stream.into_inner()
     }
 }
 
@@ -110,9 +108,14 @@ fn with_server(
     test: impl FnOnce(std::net::SocketAddr, Handle) + Send + 'static,
 ) -> Result<DrainReport, Error> {
     let executor = Arc::new(Executor::new());
-    let mut server = Server::<TestRuntime, TestListener>::new(TestRuntime(executor.clone()), config)?;
+    let mut server =
+        Server::<TestRuntime, TestListener>::new(TestRuntime(executor.clone()), config)?;
     server.listen("http", &"127.0.0.1:0".parse().unwrap())?;
-    let addr = server.listeners[0].0.get_ref().local_addr().expect("its address");
+    let addr = server.listeners[0]
+        .0
+        .get_ref()
+        .local_addr()
+        .expect("its address");
     let handle = server.handle();
     let generation = server.generation();
     let tester = std::thread::spawn(move || test(addr, handle));
@@ -133,7 +136,10 @@ fn ask(addr: std::net::SocketAddr) -> (u32, u64) {
     stream.read_to_string(&mut text).expect("read");
     let mut words = text.split_whitespace();
     let pid = words.next().and_then(|w| w.parse().ok()).expect("a pid");
-    let generation = words.next().and_then(|w| w.parse().ok()).expect("a generation");
+    let generation = words
+        .next()
+        .and_then(|w| w.parse().ok())
+        .expect("a generation");
     (pid, generation)
 }
 
@@ -177,7 +183,10 @@ fn the_control_socket_answers_status_upgrade_and_stop() {
     with_server(config, move |_addr, _handle| {
         let client = Client::new(&sock).timeout(BOUND);
         let status = client.status().expect("status");
-        assert!(status.contains(&format!("pid: {}", std::process::id())), "{status}");
+        assert!(
+            status.contains(&format!("pid: {}", std::process::id())),
+            "{status}"
+        );
         assert!(status.contains("backend: test"), "{status}");
         match client.upgrade() {
             Err(crate::control::ControlError::UpgradeFailed { reason }) => {

@@ -122,7 +122,6 @@ impl StopToken {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -354,7 +354,10 @@ mod tests {
         drop(silent);
         drop(busy);
         let report = tracker.report();
-        assert_eq!((report.finished, report.closed_idle, report.forced), (0, 0, 2));
+        assert_eq!(
+            (report.finished, report.closed_idle, report.forced),
+            (0, 0, 2)
+        );
     }
 
     #[test]

@@ -728,7 +728,10 @@ mod tests {
 
     /// Kill the successor a test made and wait for it, on its pidfd.
     fn end_successor(upgrader: &Upgrader, pid: u32) {
-        let child = upgrader.take_successor().expect("the successor is kept").child;
+        let child = upgrader
+            .take_successor()
+            .expect("the successor is kept")
+            .child;
         assert_eq!(child.pid(), pid);
         child.kill().unwrap();
         let status = child.wait_timeout(Duration::from_secs(10)).unwrap();

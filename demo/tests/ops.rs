@@ -458,7 +458,10 @@ fn pid_file_follows_the_serving_process(backend: &str) {
         .expect("run the demo");
     let ran = Ran::from(output);
     assert!(
-        ran.code == Some(1) && ran.stderr.contains(&format!("names process {owner}, which is running")),
+        ran.code == Some(1)
+            && ran
+                .stderr
+                .contains(&format!("names process {owner}, which is running")),
         "a PID file naming a live server must stop the start: {ran:?}"
     );
     assert_eq!(

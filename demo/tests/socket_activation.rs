@@ -20,14 +20,14 @@
 
 mod common;
 
-use testkit::per_backend;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
+use testkit::per_backend;
 
-use testkit::load::{Load, LoadConfig};
 use common::{get, Conn, Server, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT};
 use nix::sys::signal::Signal;
+use testkit::load::{Load, LoadConfig};
 
 per_backend! {
     fn lone_unnamed_socket_serves_the_default_listener;

@@ -94,9 +94,9 @@ pub async fn serve<R: Runtime, S: Io>(
                 let wait = match (idle, conn.is_draining()) {
                     (true, true) => timeouts.idle_grace,
                     (true, false) => timeouts.idle_timeout,
-                    (false, _) => timeouts.header_timeout.saturating_sub(
-                        request_started.get_or_insert_with(Instant::now).elapsed(),
-                    ),
+                    (false, _) => timeouts
+                        .header_timeout
+                        .saturating_sub(request_started.get_or_insert_with(Instant::now).elapsed()),
                 };
                 let deadline = Instant::now() + wait;
                 let waiting_idle = idle && !conn.is_draining();

@@ -78,7 +78,9 @@ where
     }
     let timeouts = timeouts(options);
     server
-        .serve(move |stream, conn| conn::serve(timers.clone(), stream, conn, info.clone(), timeouts))
+        .serve(move |stream, conn| {
+            conn::serve(timers.clone(), stream, conn, info.clone(), timeouts)
+        })
         .await
         .map_err(failed)?;
     Ok(())

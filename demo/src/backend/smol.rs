@@ -39,9 +39,8 @@ pub fn run(options: &Options) -> Result<(), Failed> {
     let main = {
         let options = options.clone();
         let runtime = Smol::new(executor.clone());
-        executor.spawn(async move {
-            super::server::serve::<Smol, Listener>(runtime, &options).await
-        })
+        executor
+            .spawn(async move { super::server::serve::<Smol, Listener>(runtime, &options).await })
     };
     let result = smol::block_on(executor.run(main));
     drop(done);
