@@ -36,7 +36,7 @@ struct Target {
     control: PathBuf,
     /// How long to wait for the answer [default: 60s for upgrade, 10s
     /// otherwise].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = baton_core::duration::parse_duration)]
     timeout: Option<Duration>,
 }
 
@@ -127,38 +127,20 @@ fn one_line(text: &str) -> String {
     text.trim().replace(['\n', '\r'], " ")
 }
 
-// TODO(lead): use baton_core::parse_duration
-/// Parse `250ms`, `10s`, `2m`, or a bare number of seconds (a copy of the
-/// demo's flag parser).
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 250ms, 10s or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(number)),
-        "" | "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
-        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("10h").is_err());
-        assert!(parse_duration("ms").is_err());
+    fn durations_are_the_librarys_bounded_ones() {
+        let parse =
+            |s: &str| Cli::try_parse_from(["batonctl", "status", "--control", "x", "--timeout", s]);
+        assert!(parse("250ms").is_ok());
+        assert!(parse("2m").is_ok());
+        assert!(
+            parse("18446744073709551615").is_err(),
+            "longer than baton_core::duration::MAX_DURATION"
+        );
     }
 
     #[test]
