@@ -1,27 +1,29 @@
 //! Zero-downtime graceful restart for servers on a hand-driven mio event
 //! loop, with no executor.
 //!
-//! `baton-mio` drives [`baton_core`] from the application's own
-//! [`mio::Poll`]: a [`Baton`] registers its sources (listeners, the next
-//! generation's readiness fd, a [`mio::Waker`] for stops, a signal pipe)
-//! under a reserved range of [`TOKENS`] tokens, turns their readiness and its
-//! timers into [`Event`]s, and says through [`Baton::next_timeout`] how long
-//! the loop may block. Connections stay the application's: it registers each
-//! accepted [`Stream`] under its own tokens and keeps its [`Connection`]
-//! guard up to date, so the drain knows what is busy.
+//! `baton-mio` drives baton's lifecycle ([`baton_core::lifecycle`]: upgrades
+//! on `SIGHUP` or the control socket, stops on `SIGTERM`/`SIGINT`, the drain
+//! and its deadline, serving again if the new generation dies, sd_notify and
+//! the PID file) from the application's own [`mio::Poll`]. A [`Baton`]
+//! registers its sources (listeners, the control socket and its
+//! connections, signal pipes, the next generation's fds, a [`mio::Waker`])
+//! under a reserved range of [`TOKENS`] tokens, turns their readiness and
+//! its timers into [`Event`]s, and says through [`Baton::next_timeout`] how
+//! long the loop may block. Connections stay the application's: it
+//! registers each accepted [`Stream`] under its own tokens and keeps its
+//! [`Connection`] guard up to date, so the drain knows what is busy.
 //!
 //! ```no_run
-//! use std::time::Duration;
 //! use baton_mio::{Baton, Config, Event};
 //! use mio::{Events, Poll, Token};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let mut poll = Poll::new()?;
 //!     // Tokens 0..TOKENS are baton's; the application uses the others.
-//!     let mut baton = Baton::new(Config::default(), poll.registry(), Token(0))?;
+//!     let config = Config::default().control("/tmp/my-server.sock");
+//!     let mut baton = Baton::new(config, poll.registry(), Token(0))?;
 //!     // Inherited from the previous generation if it passed "http", else bound.
 //!     baton.listen("http", &"127.0.0.1:8080".parse()?)?;
-//!     baton.handle_signals()?; // SIGHUP upgrades, SIGTERM/SIGINT stop
 //!     baton.ready()?; // the previous generation stops now
 //!
 //!     let mut events = Events::with_capacity(256);
@@ -35,42 +37,19 @@
 //!         while let Some(event) = baton.next_event() {
 //!             match event {
 //!                 // mio reports readiness once per change: accept until None.
-//!                 Event::Accept { listener } => loop {
-//!                     match baton.accept(listener) {
-//!                         Ok(Some((stream, conn))) => {
-//!                             // Register `stream` under an application token and
-//!                             // keep `conn` with it: set_busy() while a request
-//!                             // runs, set_idle() after; close once draining.
-//!                             drop((stream, conn));
-//!                         }
-//!                         Ok(None) => break,
-//!                         Err(e) => {
-//!                             eprintln!("accept: {e}; paused briefly");
-//!                             break;
-//!                         }
-//!                     }
-//!                 },
-//!                 Event::Upgrade => match baton.start_upgrade() {
-//!                     Ok(pid) => eprintln!("upgrading to pid {pid}"),
-//!                     Err(e) => eprintln!("upgrade failed, still serving: {e}"),
-//!                 },
-//!                 Event::UpgradeDone(Ok(upgraded)) => eprintln!("upgraded: {upgraded}"),
-//!                 Event::UpgradeDone(Err(e)) => eprintln!("upgrade failed, still serving: {e}"),
-//!                 Event::Shutdown => baton.stop(),
-//!                 // Listeners are closed; let the connections finish, and
-//!                 // after an upgrade serve again if the new generation dies.
-//!                 Event::Stop { .. } => {
-//!                     let (timeout, watch) = (Duration::from_secs(30), Duration::from_secs(2));
-//!                     if baton.drain_watching(timeout, watch).is_err() {
-//!                         baton.drain(timeout);
+//!                 Event::Accept { listener } => {
+//!                     while let Some((stream, conn)) = baton.accept(listener) {
+//!                         // Register `stream` under an application token and
+//!                         // keep `conn` with it: set_busy() while a request
+//!                         // runs, set_idle() after; after the stop, answer
+//!                         // with `Connection: close`.
+//!                         drop((stream, conn));
 //!                     }
 //!                 }
-//!                 Event::Resumed { successor, .. } => eprintln!("{successor} died: serving again"),
-//!                 Event::ForceClose => { /* drop every connection now */ }
-//!                 Event::Drained(report) => {
-//!                     eprintln!("drained: {report}");
-//!                     return Ok(());
-//!                 }
+//!                 Event::CloseIdle => { /* close connections waiting for a request */ }
+//!                 Event::ForceClose => { /* close every connection now */ }
+//!                 Event::Drained(_report) => return Ok(()),
+//!                 // Stop (listeners closed), Resumed (accepting again), …
 //!                 _ => {}
 //!             }
 //!         }
@@ -82,42 +61,42 @@
 //! }
 //! ```
 //!
-//! A whole server is in `examples/mio_server.rs`; the demo's mio backend
+//! A whole server is in `examples/mio.rs`; the demo's mio backend
 //! (`baton-demo --backend mio`) drives HTTP/1.1 connections as explicit
 //! state machines on top of it.
 #![forbid(unsafe_code)]
 
+mod control;
 mod listener;
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use baton_core::{Generation, PendingUpgrade, Successor, SuccessorWatch};
+use baton_core::lifecycle::{Event as LifecycleEvent, Lifecycle, Request};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token, Waker};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook_mio::v1_0::Signals;
 
 pub use baton_core::{
-    Config, Connection, ConnectionState, DrainReport, ExitStatus, ListenAddr, Origin, StopReason,
-    StopSignal, StopToken, Tracker, UpgradeError, Upgraded,
+    logger, Config, Connection, DrainReport, ExitStatus, ListenAddr, Origin, StopReason, StopToken,
+    Tracker, UpgradeError, Upgraded,
 };
 pub use listener::{Listener, Stream};
 
 /// How many tokens a [`Baton`] reserves, from the first one it is given:
-/// its waker, its signals, the readiness fd of an upgrade, the watch on the
-/// next generation, and one per listener (so at most `TOKENS - 4`
-/// listeners).
+/// its waker, the control socket and its connections, the lifecycle's fds,
+/// and one per listener or datagram socket (at most [`MAX_SOCKETS`]).
 pub const TOKENS: usize = 64;
+
+/// How many listeners and datagram sockets one [`Baton`] can hold.
+pub const MAX_SOCKETS: usize = FIRST_CONTROL_CONN - FIRST_SOCKET;
 
 /// How long a listener is left alone after an accept error such as
 /// `EMFILE`: accepting again at once would fail again, in a busy loop.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+pub const ACCEPT_BACKOFF: Duration = baton_core::server::ACCEPT_BACKOFF;
 
 /// Connections [`Baton::accept`] hands out per [`Event::Accept`]. A
 /// listener that still has more waits one loop turn: under a flood of new
@@ -125,30 +104,31 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// turn.
 pub const ACCEPT_BATCH: usize = 64;
 
-/// How long connections get to close after the drain deadline forced them.
-const FORCE_GRACE: Duration = Duration::from_secs(1);
-
 /// Offsets of baton's tokens from the first one.
 const WAKER: usize = 0;
-const SIGNALS: usize = 1;
-const UPGRADE: usize = 2;
-const WATCH: usize = 3;
-const FIRST_LISTENER: usize = 4;
+const CONTROL: usize = 1;
+/// The lifecycle's fds: signal pipes, the pending upgrade, the successor.
+const FIRST_WATCHED: usize = 2;
+const MAX_WATCHED: usize = 8;
+const FIRST_SOCKET: usize = FIRST_WATCHED + MAX_WATCHED;
+/// Control connections, one token each, up to [`control::MAX_SESSIONS`].
+const FIRST_CONTROL_CONN: usize = TOKENS - control::MAX_SESSIONS;
 
 /// Why a [`Baton`] could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The generation could not be adopted, or a listener bound.
+    /// The generation could not be adopted, a socket bound, or the PID
+    /// file claimed.
     #[error(transparent)]
     Core(#[from] baton_core::Error),
     /// Registering with the mio registry failed.
     #[error("cannot register with mio: {0}")]
     Register(#[source] io::Error),
-    /// Every listener token is taken.
+    /// Every socket token is taken.
     #[error("too many listeners: baton-mio has tokens for {max}")]
     TooManyListeners {
-        /// How many listeners fit in [`TOKENS`].
+        /// [`MAX_SOCKETS`].
         max: usize,
     },
 }
@@ -164,49 +144,49 @@ impl ListenerId {
     }
 }
 
-/// What happened, for the application's event loop.
+/// Identifies one datagram socket of a [`Baton`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DatagramId(usize);
+
+/// What the application does next.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Event {
     /// Connections may be waiting on this listener: call
-    /// [`Baton::accept`] until it returns `Ok(None)` or an error.
+    /// [`Baton::accept`] until it returns `None`.
     Accept {
         /// The listener.
         listener: ListenerId,
     },
-    /// `SIGHUP`: the operator asks for an upgrade; usually answered with
-    /// [`Baton::start_upgrade`].
-    Upgrade,
-    /// `SIGTERM` or `SIGINT`: the operator asks for a graceful stop; usually
-    /// answered with [`Baton::stop`].
-    Shutdown,
-    /// The upgrade started by [`Baton::start_upgrade`] has settled. On
-    /// success this generation is stopped and [`Event::Stop`] follows; on
-    /// failure the new process was killed and reaped, and this one serves on.
-    UpgradeDone(Result<Upgraded, UpgradeError>),
-    /// This generation stopped: its listeners are closed. Connections
-    /// should finish their request (answering with `Connection: close`) or
-    /// close if idle; call [`Baton::drain`] to bound how long that takes.
+    /// Datagrams may be waiting on this socket
+    /// ([`Baton::datagram_socket`]): receive until `WouldBlock`.
+    Datagram {
+        /// The socket.
+        socket: DatagramId,
+    },
+    /// This generation stopped (it handed over, or was asked to stop): its
+    /// listeners and datagram sockets are closed. Connections answer their
+    /// request in progress with `Connection: close`; idle ones may still
+    /// send one last request until [`Event::CloseIdle`].
     Stop {
         /// Upgraded, or shut down.
         reason: StopReason,
     },
-    /// The drain deadline passed: close every connection now.
+    /// The idle grace after the stop passed: close the connections that
+    /// wait for their next request.
+    CloseIdle,
+    /// The drain deadline passed (or a second stop came): close every
+    /// connection now.
     ForceClose,
+    /// The next generation died while this one drained: this one serves
+    /// again. Its listeners and datagram sockets are open and registered
+    /// again ([`Event::Accept`] follows), and the application's connections
+    /// go on as before the stop.
+    Resumed,
     /// Every connection has closed (or the deadline and its grace passed),
-    /// and the watch on the next generation is over: how they ended. The
-    /// application can exit.
+    /// and the watch on the next generation is over: how they ended. Exit
+    /// now.
     Drained(DrainReport),
-    /// The next generation died while this one drained (see
-    /// [`Baton::drain_watching`]): this one serves again. Its listeners are
-    /// open and registered again, [`Baton::is_stopped`] is false, and the
-    /// application's connections go on as before the stop.
-    Resumed {
-        /// The pid of the generation that died.
-        successor: u32,
-        /// How it ended.
-        status: ExitStatus,
-    },
 }
 
 /// One listener and its accept back-off.
@@ -214,6 +194,7 @@ pub enum Event {
 struct ListenerSlot {
     /// Its name, to reopen it if this generation serves again.
     name: String,
+    token: Token,
     listener: Option<Listener>,
     /// Set after an accept error; readiness is ignored until then.
     paused_until: Option<Instant>,
@@ -222,55 +203,59 @@ struct ListenerSlot {
     /// The budget ran out with connections maybe still queued: announce
     /// the listener again on the next turn, without waiting for readiness.
     more: bool,
+    /// Left with clients waiting at [`Config::max_connections`]: announce
+    /// it again once a connection closes.
+    held: bool,
 }
 
-/// The drain after a stop.
+/// One datagram socket.
 #[derive(Debug)]
-struct Drain {
-    deadline: Instant,
-    /// Set once connections were forced: when to report regardless.
-    give_up: Option<Instant>,
-    /// The next generation, watched until the drain is reported.
-    successor: Option<SuccessorWatch>,
-    /// The drain is not reported before this: the watch lasts at least
-    /// until then.
-    not_before: Instant,
-    reported: bool,
+struct DatagramSlot {
+    name: String,
+    token: Token,
+    socket: Option<mio::net::UdpSocket>,
 }
 
-/// One generation of a mio server: its listeners, signals, upgrade and
-/// drain, registered in the application's [`mio::Poll`].
+/// One generation of a mio server: its listeners, control socket and
+/// lifecycle, registered in the application's [`mio::Poll`].
 pub struct Baton {
-    generation: Generation,
+    lifecycle: Lifecycle,
+    config: Config,
     registry: Registry,
     first_token: usize,
     waker: Arc<Waker>,
-    signals: Option<Signals>,
     listeners: Vec<ListenerSlot>,
-    upgrade: Option<PendingUpgrade>,
+    datagrams: Vec<DatagramSlot>,
+    control: control::Server,
+    /// The lifecycle's fds registered now, and the epoch they belong to.
+    watched: Vec<RawFd>,
+    watched_epoch: Option<u64>,
     events: VecDeque<Event>,
-    /// Set once [`Event::Stop`] was queued.
-    stop_seen: bool,
-    drain: Option<Drain>,
+    /// Set at [`Event::Stop`], cleared at [`Event::Resumed`].
+    stopped: bool,
+    /// Set at [`Event::Drained`]: nothing more happens.
+    done: bool,
 }
 
 impl fmt::Debug for Baton {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Baton")
-            .field("generation", &self.generation.number())
+            .field("generation", &self.generation())
             .field("first_token", &self.first_token)
             .field("listeners", &self.listeners)
-            .field("signals", &self.signals.is_some())
-            .field("upgrade", &self.upgrade.as_ref().map(PendingUpgrade::pid))
-            .field("stop_seen", &self.stop_seen)
-            .field("drain", &self.drain)
+            .field("datagrams", &self.datagrams)
+            .field("control", &self.control)
+            .field("watched", &self.watched)
+            .field("stopped", &self.stopped)
+            .field("done", &self.done)
             .finish()
     }
 }
 
 impl Baton {
     /// Adopt what the previous generation (or systemd) passed, if anything,
-    /// and register with `registry` under the tokens
+    /// install the signal handlers (unless [`Config::handle_signals`] is
+    /// off), and register with `registry` under the tokens
     /// `first_token .. first_token + TOKENS`.
     pub fn new(config: Config, registry: &Registry, first_token: Token) -> Result<Self, Error> {
         if first_token.0.checked_add(TOKENS).is_none() {
@@ -279,35 +264,58 @@ impl Baton {
                 "the token range overflows",
             )));
         }
-        let generation = Generation::from_env(config)?;
-        let registry = registry.try_clone().map_err(Error::Register)?;
-        let waker = Waker::new(&registry, Token(first_token.0 + WAKER)).map_err(Error::Register)?;
-        let waker = Arc::new(waker);
-        // A stop from any thread (the API, a successful upgrade) wakes the
-        // loop; `process` then sees the flag.
+        let generation = baton_core::Generation::from_env(config.clone())?;
+        let lifecycle = Lifecycle::new(generation, config.timeouts.clone());
+        let fail = |lifecycle: &Lifecycle, error: Error| {
+            report(lifecycle, &error);
+            error
+        };
+        let registry = match registry.try_clone() {
+            Ok(registry) => registry,
+            Err(e) => return Err(fail(&lifecycle, Error::Register(e))),
+        };
+        let waker = match Waker::new(&registry, Token(first_token.0 + WAKER)) {
+            Ok(waker) => Arc::new(waker),
+            Err(e) => return Err(fail(&lifecycle, Error::Register(e))),
+        };
+        // A stop of the token from any thread wakes the loop; `process`
+        // then hands it to the lifecycle.
         let hook = waker.clone();
-        generation.stop_token().on_stop(move || {
+        lifecycle.generation().stop_token().on_stop(move || {
             if let Err(e) = hook.wake() {
                 log::warn!("cannot wake the event loop for the stop: {e}");
             }
         });
-        Ok(Baton {
-            generation,
+        let mut baton = Baton {
+            lifecycle,
+            control: control::Server::new(
+                registry.try_clone().ok(),
+                Token(first_token.0 + FIRST_CONTROL_CONN),
+            ),
+            config,
             registry,
             first_token: first_token.0,
             waker,
-            signals: None,
             listeners: Vec::new(),
-            upgrade: None,
+            datagrams: Vec::new(),
+            watched: Vec::new(),
+            watched_epoch: None,
             events: VecDeque::new(),
-            stop_seen: false,
-            drain: None,
-        })
+            stopped: false,
+            done: false,
+        };
+        if baton.config.handle_signals {
+            if let Err(e) = baton.lifecycle.handle_signals() {
+                return Err(baton.fail(baton_core::Error::Signals(e).into()));
+            }
+        }
+        baton.sync_watched();
+        Ok(baton)
     }
 
     /// This generation's number: 0 when started by hand, +1 per upgrade.
     pub fn generation(&self) -> u64 {
-        self.generation.number()
+        self.lifecycle.generation().number()
     }
 
     /// True if `token` is one of baton's; the application ignores those.
@@ -322,60 +330,73 @@ impl Baton {
         self.waker.clone()
     }
 
-    /// The listener `name`: inherited if the previous generation passed it,
-    /// else bound to `addr`. It is registered at once; connections are
-    /// announced by [`Event::Accept`].
+    /// The listener `name`: inherited if the previous generation (or
+    /// systemd) passed it, else bound to `addr`. It is registered at once;
+    /// connections are announced by [`Event::Accept`]. On error the
+    /// previous generation is told why (its upgrade fails, it serves on).
     pub fn listen(&mut self, name: &str, addr: &ListenAddr) -> Result<ListenerId, Error> {
-        Ok(self.listen_with_origin(name, addr)?.0)
-    }
-
-    /// Like [`listen`](Self::listen), and says whether the socket was
-    /// inherited or bound, for the log.
-    pub fn listen_with_origin(
-        &mut self,
-        name: &str,
-        addr: &ListenAddr,
-    ) -> Result<(ListenerId, Origin), Error> {
-        let max = TOKENS - FIRST_LISTENER;
-        let index = self.listeners.len();
-        if index >= max {
-            return Err(Error::TooManyListeners { max });
-        }
-        let (mut listener, origin): (Listener, Origin) = self.generation.listen(name, addr)?;
-        let token = self.token(FIRST_LISTENER + index);
-        self.registry
+        let token = self.socket_token()?;
+        let (mut listener, _origin) =
+            match self.lifecycle.generation().listen::<Listener>(name, addr) {
+                Ok(listener) => listener,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+        if let Err(e) = self
+            .registry
             .register(&mut listener, token, Interest::READABLE)
-            .map_err(Error::Register)?;
+        {
+            return Err(self.fail(Error::Register(e)));
+        }
+        // Connections may already wait in an inherited socket's queue: the
+        // registration reports them.
         self.listeners.push(ListenerSlot {
             name: name.to_owned(),
+            token,
             listener: Some(listener),
             paused_until: None,
             budget: ACCEPT_BATCH,
             more: false,
+            held: false,
         });
-        // Connections may already wait in an inherited socket's queue:
-        // registration reports them, so nothing more is needed here.
-        Ok((ListenerId(index), origin))
+        Ok(ListenerId(self.listeners.len() - 1))
     }
 
     /// The UDP socket `name`: inherited if the previous generation passed
-    /// it, else bound to `addr`. Non-blocking; it is handed to the next
-    /// generation like a listener. Unlike listeners it is not registered:
-    /// the application wraps it with `mio::net::UdpSocket::from_std`,
-    /// registers it under one of its own tokens, and deregisters and drops
-    /// it at [`Event::Stop`] (the generation keeps a copy for the handoff).
+    /// it, else bound to `addr`. Datagrams are announced by
+    /// [`Event::Datagram`] while this generation serves; at the stop baton
+    /// drops its handle (the next generation reads the rest of the shared
+    /// queue), and opens it again if this generation serves again.
     pub fn datagram(
-        &self,
+        &mut self,
         name: &str,
         addr: std::net::SocketAddr,
-    ) -> Result<(std::net::UdpSocket, Origin), Error> {
-        Ok(self.generation.datagram(name, addr)?)
-    }
-
-    /// Another handle on the datagram socket `name`, to serve it again
-    /// after [`Event::Resumed`].
-    pub fn reopen_datagram(&self, name: &str) -> Result<std::net::UdpSocket, Error> {
-        Ok(self.generation.reopen_datagram(name)?)
+    ) -> Result<DatagramId, Error> {
+        let token = self.socket_token()?;
+        let (socket, origin) = match self.lifecycle.generation().datagram(name, addr) {
+            Ok(socket) => socket,
+            Err(e) => return Err(self.fail(e.into())),
+        };
+        let local = socket
+            .local_addr()
+            .map_or_else(|_| addr.to_string(), |a| a.to_string());
+        let origin = match origin {
+            Origin::Inherited => "inherited",
+            _ => "bound",
+        };
+        log::info!("listening on udp:{local} ({name}, {origin})");
+        let mut socket = mio::net::UdpSocket::from_std(socket);
+        if let Err(e) = self
+            .registry
+            .register(&mut socket, token, Interest::READABLE)
+        {
+            return Err(self.fail(Error::Register(e)));
+        }
+        self.datagrams.push(DatagramSlot {
+            name: name.to_owned(),
+            token,
+            socket: Some(socket),
+        });
+        Ok(DatagramId(self.datagrams.len() - 1))
     }
 
     /// The listener `id`, while it is open (until the stop).
@@ -383,218 +404,150 @@ impl Baton {
         self.listeners.get(id.0)?.listener.as_ref()
     }
 
-    /// Accept one connection on `id`, tracked for the drain. `Ok(None)`
-    /// when none is waiting, after the stop, while the listener backs off,
-    /// or after [`ACCEPT_BATCH`] connections since the last
-    /// [`Event::Accept`] (it comes again on the next turn of the loop).
-    /// An error such as `EMFILE` pauses the listener for
-    /// [`ACCEPT_BACKOFF`], after which [`Event::Accept`] comes again;
-    /// errors that concern one client only (it reset before we accepted)
-    /// are skipped.
-    pub fn accept(&mut self, id: ListenerId) -> io::Result<Option<(Stream, Connection)>> {
-        if self.generation.stop_token().is_stopped() {
-            return Ok(None);
+    /// The datagram socket `id`, while it is open (until the stop).
+    pub fn datagram_socket(&self, id: DatagramId) -> Option<&mio::net::UdpSocket> {
+        self.datagrams.get(id.0)?.socket.as_ref()
+    }
+
+    /// Report ready: the control socket (if [`Config::control`] names one)
+    /// is opened, the PID file claimed, and the previous generation told
+    /// that this one serves, so it stops accepting and drains. Call it once
+    /// the listeners are open. A PID file owned by another live server is
+    /// an error (the previous generation is told why); other failures to
+    /// notify are logged and serving goes on.
+    pub fn ready(&mut self) -> Result<(), Error> {
+        // After the application's listeners, so they come first in the
+        // handoff and in the log.
+        if let Some(path) = self.config.control.clone() {
+            let generation = self.lifecycle.generation();
+            let opened = control::open(generation, &path)
+                .map_err(Error::from)
+                .and_then(|mut listener| {
+                    self.registry
+                        .register(&mut listener, self.token(CONTROL), Interest::READABLE)
+                        .map_err(Error::Register)
+                        .map(|()| listener)
+                });
+            match opened {
+                Ok(listener) => self.control.listen(listener),
+                Err(e) => return Err(self.fail(e)),
+            }
         }
-        let Some(slot) = self.listeners.get_mut(id.0) else {
-            return Ok(None);
-        };
-        let Some(listener) = slot.listener.as_ref() else {
-            return Ok(None);
-        };
+        match self.lifecycle.ready() {
+            Ok(()) => Ok(()),
+            Err(e @ baton_core::Error::PidFile(_)) => Err(self.fail(e.into())),
+            Err(e) => {
+                log::warn!("{e}; serving anyway");
+                Ok(())
+            }
+        }
+    }
+
+    /// Tell the previous generation that this one cannot serve, and why.
+    /// It logs it and serves on; exit after calling this. Errors of
+    /// [`Baton`]'s own methods are reported already.
+    pub fn report_error(&self, message: &str) -> Result<(), baton_core::Error> {
+        self.lifecycle.generation().report_error(message)
+    }
+
+    /// Accept one connection on `id`, tracked for the drain. `None` when
+    /// none is waiting, after the stop, at [`Config::max_connections`]
+    /// (the listener is announced again once a connection closes), while
+    /// the listener backs off after an error such as `EMFILE` (logged; it
+    /// is announced again after [`ACCEPT_BACKOFF`]), or after
+    /// [`ACCEPT_BATCH`] connections since the last [`Event::Accept`] (it
+    /// comes again on the next turn of the loop). Errors that concern one
+    /// client only (it reset before it was accepted) are skipped.
+    pub fn accept(&mut self, id: ListenerId) -> Option<(Stream, Connection)> {
+        let tracker = self.lifecycle.generation().tracker();
+        let slot = self.listeners.get_mut(id.0)?;
+        let listener = slot.listener.as_ref()?;
         if slot.paused_until.is_some() {
-            return Ok(None);
+            return None;
         }
         if slot.budget == 0 {
             slot.more = true;
-            return Ok(None);
+            return None;
         }
-        loop {
+        if tracker.open() >= self.config.max_connections {
+            // Back-pressure: new clients wait in the kernel's accept queue.
+            slot.held = true;
+            return None;
+        }
+        // Bounded: every error below but the skipped ones returns.
+        for _ in 0..ACCEPT_BATCH {
             match listener.accept() {
                 Ok(stream) => {
                     slot.budget -= 1;
-                    return Ok(Some((stream, self.generation.tracker().track())));
+                    return Some((stream, tracker.track()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
                 Err(e) if concerns_one_client(&e) => continue,
                 Err(e) => {
+                    log::warn!("accept: {e}; backing off");
                     slot.paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                    return Err(e);
+                    return None;
                 }
             }
         }
+        slot.more = true;
+        None
     }
 
-    /// Deliver `SIGHUP` as [`Event::Upgrade`] and `SIGTERM`/`SIGINT` as
-    /// [`Event::Shutdown`] instead of their default actions. Signals that
-    /// come after the stop are swallowed: the drain is already running.
-    pub fn handle_signals(&mut self) -> io::Result<()> {
-        if self.signals.is_some() {
-            return Ok(());
-        }
-        let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
-        self.registry
-            .register(&mut signals, self.token(SIGNALS), Interest::READABLE)?;
-        self.signals = Some(signals);
-        Ok(())
+    /// Start an upgrade, exactly as `SIGHUP` does: refused (and logged) if
+    /// one runs or the server is stopping; its outcome is logged, and on
+    /// success [`Event::Stop`] follows.
+    pub fn upgrade(&mut self) {
+        self.request(Request::Upgrade);
     }
 
-    /// Report to the parent that this generation serves: call it once the
-    /// listeners are registered. The parent then stops accepting and drains.
-    pub fn ready(&self) -> Result<(), baton_core::Error> {
-        self.generation.ready()
+    /// Stop gracefully, as `SIGTERM` does: an upgrade still pending is
+    /// abandoned, [`Event::Stop`] follows, then the drain. During the drain,
+    /// end it now ([`Event::ForceClose`]). A stopped generation never serves
+    /// again. [`StopToken::stop`] from another thread does the same.
+    pub fn stop(&mut self) {
+        self.request(Request::Stop);
     }
 
-    /// Report to the parent that this generation cannot serve, and why.
-    /// The parent logs it and serves on; exit after calling this.
-    pub fn report_error(&self, message: &str) -> Result<(), baton_core::Error> {
-        self.generation.report_error(message)
-    }
-
-    /// Start the next generation and return its pid. Its report comes as
-    /// [`Event::UpgradeDone`]. Fails at once if an upgrade is already
-    /// running, the server is stopping, or the binary cannot be executed.
-    pub fn start_upgrade(&mut self) -> Result<u32, UpgradeError> {
-        let pending = self.generation.start_upgrade()?;
-        let pid = pending.pid();
-        // A report written before this registration is not lost: epoll
-        // reports the readiness an fd already has when it is added.
-        self.registry
-            .register(
-                &mut SourceFd(&pending.as_raw_fd()),
-                self.token(UPGRADE),
-                Interest::READABLE,
-            )
-            .map_err(|source| UpgradeError::Io { pid, source })?;
-        // The child's pidfd, same token: a child that died without a
-        // report settles once it has ended, which EOF alone does not tell.
-        if let Some(exit) = pending.exit_fd() {
-            let registered = self.registry.register(
-                &mut SourceFd(&exit.as_raw_fd()),
-                self.token(UPGRADE),
-                Interest::READABLE,
-            );
-            if let Err(source) = registered {
-                let _ = self
-                    .registry
-                    .deregister(&mut SourceFd(&pending.as_raw_fd()));
-                return Err(UpgradeError::Io { pid, source });
-            }
-        }
-        self.upgrade = Some(pending);
-        Ok(pid)
-    }
-
-    /// Stop this generation: listeners close, connections drain.
-    /// [`Event::Stop`] follows.
-    pub fn stop(&self) {
-        self.generation.stop_token().stop();
-    }
-
-    /// True once stopped, by an upgrade or a shutdown.
-    pub fn is_stopped(&self) -> bool {
-        self.generation.stop_token().is_stopped()
+    /// True once this generation stopped (handed over or asked to stop)
+    /// and has not resumed.
+    pub fn is_stopping(&self) -> bool {
+        self.stopped || self.lifecycle.is_stopping()
     }
 
     /// The token that stops this generation; usable from any thread.
     pub fn stop_token(&self) -> StopToken {
-        self.generation.stop_token().clone()
+        self.lifecycle.generation().stop_token().clone()
     }
 
     /// The tracker of this generation's connections.
     pub fn tracker(&self) -> Tracker {
-        self.generation.tracker().clone()
-    }
-
-    /// Start the drain after the stop: [`Event::Drained`] comes once every
-    /// tracked connection has closed; if `timeout` passes first,
-    /// [`Event::ForceClose`] asks the application to close the rest.
-    /// Before the stop there is nothing to drain, and it does nothing; so
-    /// does a second call.
-    pub fn drain(&mut self, timeout: Duration) {
-        if self.drain.is_none() && self.is_stopped() {
-            let now = Instant::now();
-            self.drain = Some(Drain {
-                deadline: now + timeout,
-                give_up: None,
-                successor: None,
-                not_before: now,
-                reported: false,
-            });
-        }
-    }
-
-    /// Like [`drain`](Self::drain); after an upgrade, also watch the new
-    /// generation until the drain is over and at least `watch` has passed.
-    /// If it dies in that window (killed, or an exit status other than 0:
-    /// a clean exit means it handed over in turn or was stopped on
-    /// purpose), this generation serves again:
-    /// [`Event::Resumed`] comes instead of [`Event::Drained`]. Until this
-    /// process exits it holds its listening sockets, so the port is never
-    /// left unserved. On an error nothing has started: call `drain`.
-    pub fn drain_watching(&mut self, timeout: Duration, watch: Duration) -> Result<(), Error> {
-        if self.drain.is_some() || !self.is_stopped() {
-            return Ok(());
-        }
-        let successor = self.generation.watch_successor()?;
-        if let Some(successor) = &successor {
-            self.registry
-                .register(
-                    &mut SourceFd(&successor.as_fd().as_raw_fd()),
-                    self.token(WATCH),
-                    Interest::READABLE,
-                )
-                .map_err(Error::Register)?;
-        }
-        let now = Instant::now();
-        self.drain = Some(Drain {
-            deadline: now + timeout,
-            give_up: None,
-            not_before: if successor.is_some() {
-                now + watch
-            } else {
-                now
-            },
-            successor,
-            reported: false,
-        });
-        Ok(())
+        self.lifecycle.generation().tracker().clone()
     }
 
     /// How long the loop may block before baton has something to do:
     /// `None` for "until an event", zero when events are already queued.
     /// Call it right before `Poll::poll`, after the application has dropped
-    /// its closed connections, so a drain that just completed is noticed.
+    /// its closed connections, so that a drain that just completed, or a
+    /// listener held at the connection limit, is noticed.
     pub fn next_timeout(&self) -> Option<Duration> {
-        let now = Instant::now();
+        if self.done {
+            return (!self.events.is_empty()).then_some(Duration::ZERO);
+        }
         if !self.events.is_empty()
             || self.stop_pending()
-            || self.drain_complete(now)
             || self.listeners.iter().any(|slot| slot.more)
+            || self.unhold_due()
         {
             return Some(Duration::ZERO);
         }
-        let drain = self.drain.as_ref().filter(|d| !d.reported);
-        // Only instants that change something when they pass, so a passed
-        // one cannot turn into a busy loop.
-        let deadlines = [
-            drain.map(|d| d.give_up.unwrap_or(d.deadline)),
-            drain.map(|d| d.not_before),
-        ];
-        // These two are cleared by the `process` that sees them passed, so
-        // one that passed since the last `process` means "now", not "never":
-        // filtering it out would block the loop until some other event (a
-        // listener paused by EMFILE stayed paused while clients waited).
-        let cleared_when_passed = self
+        let now = Instant::now();
+        let next = self
             .listeners
             .iter()
             .filter_map(|slot| slot.paused_until)
-            .chain(self.upgrade.as_ref().map(PendingUpgrade::deadline))
-            .chain(self.upgrade.as_ref().and_then(PendingUpgrade::retry_at));
-        let next = deadlines
-            .into_iter()
-            .flatten()
-            .filter(|&at| at > now)
-            .chain(cleared_when_passed)
+            .chain(self.lifecycle.poll_timeout())
+            .chain(self.control.next_deadline())
             .min()?;
         Some(next.saturating_duration_since(now))
     }
@@ -604,63 +557,294 @@ impl Baton {
     /// [`next_event`](Self::next_event). Call it after every `Poll::poll`,
     /// including one that timed out.
     pub fn process(&mut self, events: &mio::Events) {
+        if self.done {
+            return;
+        }
         for index in 0..self.listeners.len() {
             if std::mem::take(&mut self.listeners[index].more) {
-                self.announce(ListenerId(index));
+                self.announce(index);
             }
         }
+        let mut lifecycle = false;
+        let mut control = false;
         for event in events.iter() {
             let Some(offset) = event.token().0.checked_sub(self.first_token) else {
                 continue;
             };
             match offset {
-                SIGNALS => self.read_signals(),
-                UPGRADE => self.poll_upgrade(),
-                WATCH => self.check_successor(),
-                n if (FIRST_LISTENER..TOKENS).contains(&n) => {
-                    let id = ListenerId(n - FIRST_LISTENER);
-                    self.announce(id);
+                CONTROL => control = true,
+                n if (FIRST_WATCHED..FIRST_SOCKET).contains(&n) => lifecycle = true,
+                n if (FIRST_SOCKET..FIRST_CONTROL_CONN).contains(&n) => {
+                    self.socket_ready(event.token())
+                }
+                n if (FIRST_CONTROL_CONN..TOKENS).contains(&n) => {
+                    let tracker = self.lifecycle.generation().tracker().clone();
+                    self.control.ready(event.token(), &tracker);
                 }
                 // WAKER: a stop, seen below; anything else is not ours.
                 _ => {}
             }
         }
-        self.expire(Instant::now());
-        self.check_stop();
-        // Killed children of failed upgrades, reaped without waiting (on
-        // the next event: the lifecycle will add a timer).
-        self.generation.reap_exited();
+        let now = Instant::now();
+        if lifecycle {
+            self.lifecycle.handle_readable(now);
+            self.after_lifecycle();
+        }
+        if control {
+            let tracker = self.lifecycle.generation().tracker().clone();
+            self.control.accept(&tracker);
+        }
+        self.tick(now);
     }
 
-    /// The next event, if any. Drain it after every
+    /// The next event, if any. Take them all after every
     /// [`process`](Self::process).
     pub fn next_event(&mut self) -> Option<Event> {
-        self.check_stop();
-        if self.drain_complete(Instant::now()) {
-            self.end_watch();
-            if let Some(drain) = self.drain.as_mut() {
-                drain.reported = true;
-            }
-            let report = self.generation.tracker().report();
-            self.events.push_back(Event::Drained(report));
-        }
         self.events.pop_front()
+    }
+
+    /// Timers, the stop token, held listeners, control requests.
+    fn tick(&mut self, now: Instant) {
+        for index in 0..self.listeners.len() {
+            let slot = &mut self.listeners[index];
+            if slot.paused_until.is_some_and(|until| until <= now) {
+                slot.paused_until = None;
+                // The connections that came meanwhile raised no new event.
+                self.announce(index);
+            }
+        }
+        if self.unhold_due() {
+            for index in 0..self.listeners.len() {
+                if std::mem::take(&mut self.listeners[index].held) {
+                    self.announce(index);
+                }
+            }
+        }
+        let tracker = self.lifecycle.generation().tracker().clone();
+        self.control.expire(now, &tracker);
+        // A stop of the token from outside (another thread, the application).
+        if self.stop_pending() {
+            self.lifecycle.request(Request::Stop, None, now);
+            self.after_lifecycle();
+        }
+        for (reply, request) in self.control.take_requests() {
+            self.lifecycle.request(request, Some(reply), Instant::now());
+            self.after_lifecycle();
+        }
+        if !self.done {
+            self.lifecycle.handle_timeout(now);
+            self.after_lifecycle();
+        }
+    }
+
+    fn request(&mut self, request: Request) {
+        if self.done {
+            return;
+        }
+        self.lifecycle.request(request, None, Instant::now());
+        self.after_lifecycle();
+    }
+
+    /// After every call into the lifecycle: follow its watched fds (before
+    /// anything else opens an fd that could reuse a closed one's number),
+    /// then act on its events.
+    fn after_lifecycle(&mut self) {
+        self.sync_watched();
+        while let Some(event) = self.lifecycle.poll_event() {
+            match event {
+                LifecycleEvent::Answer { reply, answer } => {
+                    self.control.answer(reply, control::answer_text(answer));
+                }
+                LifecycleEvent::StopAccepting(reason) => {
+                    self.close_sockets();
+                    self.stopped = true;
+                    self.events.push_back(Event::Stop { reason });
+                }
+                LifecycleEvent::CloseIdle => self.events.push_back(Event::CloseIdle),
+                LifecycleEvent::ForceClose => {
+                    self.control.force();
+                    self.events.push_back(Event::ForceClose);
+                }
+                LifecycleEvent::Resume => {
+                    self.stopped = false;
+                    self.reopen_sockets();
+                    self.events.push_back(Event::Resumed);
+                    for index in 0..self.listeners.len() {
+                        self.announce(index);
+                    }
+                    for index in 0..self.datagrams.len() {
+                        if self.datagrams[index].socket.is_some() {
+                            self.events.push_back(Event::Datagram {
+                                socket: DatagramId(index),
+                            });
+                        }
+                    }
+                }
+                LifecycleEvent::Exit(report) => {
+                    self.done = true;
+                    self.control.close_all();
+                    self.events.push_back(Event::Drained(report));
+                }
+                _ => {}
+            }
+        }
+        self.sync_watched();
+    }
+
+    /// Register the lifecycle's fds again if their set changed. Called
+    /// right after each call into the lifecycle: a closed fd's number can
+    /// only have been reused by the lifecycle itself meanwhile (a new fd in
+    /// the new set), so deregistering by number never touches an fd of the
+    /// application's.
+    fn sync_watched(&mut self) {
+        let epoch = self.lifecycle.watch_epoch();
+        if self.watched_epoch == Some(epoch) {
+            return;
+        }
+        self.watched_epoch = Some(epoch);
+        for fd in self.watched.drain(..) {
+            // Already closed (and so removed from epoll): ENOENT or EBADF.
+            let _ = self.registry.deregister(&mut SourceFd(&fd));
+        }
+        let fds: Vec<RawFd> = self
+            .lifecycle
+            .watched()
+            .all()
+            .map(|fd| fd.as_raw_fd())
+            .collect();
+        for (index, fd) in fds.into_iter().enumerate() {
+            if index >= MAX_WATCHED {
+                log::error!("baton-mio: more than {MAX_WATCHED} lifecycle fds to watch");
+                break;
+            }
+            let token = self.token(FIRST_WATCHED + index);
+            match self
+                .registry
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+            {
+                Ok(()) => self.watched.push(fd),
+                Err(e) => log::error!("cannot watch fd {fd} in mio: {e}"),
+            }
+        }
+    }
+
+    /// The stop: drop this generation's handles on its listeners and
+    /// datagram sockets (it keeps its own copies to hand on, or to serve
+    /// again), and the control socket.
+    fn close_sockets(&mut self) {
+        for slot in &mut self.listeners {
+            if let Some(mut listener) = slot.listener.take() {
+                let _ = self.registry.deregister(&mut listener);
+            }
+            slot.paused_until = None;
+            slot.more = false;
+            slot.held = false;
+        }
+        for slot in &mut self.datagrams {
+            if let Some(mut socket) = slot.socket.take() {
+                let _ = self.registry.deregister(&mut socket);
+            }
+        }
+        self.control.close_listener(&self.registry);
+        self.events
+            .retain(|e| !matches!(e, Event::Accept { .. } | Event::Datagram { .. }));
+    }
+
+    /// Serve again: listeners, datagram sockets and the control socket
+    /// reopened from this generation's own copies.
+    fn reopen_sockets(&mut self) {
+        let generation = self.lifecycle.generation();
+        for slot in &mut self.listeners {
+            let reopened = generation
+                .reopen::<Listener>(&slot.name)
+                .map_err(Error::from);
+            match reopened.and_then(|mut listener| {
+                self.registry
+                    .register(&mut listener, slot.token, Interest::READABLE)
+                    .map_err(Error::Register)
+                    .map(|()| listener)
+            }) {
+                Ok(listener) => {
+                    slot.listener = Some(listener);
+                    slot.budget = ACCEPT_BATCH;
+                }
+                Err(e) => log::error!("cannot listen on {:?} again: {e}", slot.name),
+            }
+        }
+        for slot in &mut self.datagrams {
+            let reopened = generation.reopen_datagram(&slot.name).map_err(Error::from);
+            match reopened.and_then(|socket| {
+                let mut socket = mio::net::UdpSocket::from_std(socket);
+                self.registry
+                    .register(&mut socket, slot.token, Interest::READABLE)
+                    .map_err(Error::Register)
+                    .map(|()| socket)
+            }) {
+                Ok(socket) => slot.socket = Some(socket),
+                Err(e) => log::error!("cannot receive on {:?} again: {e}", slot.name),
+            }
+        }
+        if self.config.control.is_some() {
+            match control::reopen(generation) {
+                Ok(mut listener) => {
+                    match self.registry.register(
+                        &mut listener,
+                        self.token(CONTROL),
+                        Interest::READABLE,
+                    ) {
+                        Ok(()) => self.control.listen(listener),
+                        Err(e) => log::error!("cannot listen on the control socket again: {e}"),
+                    }
+                }
+                Err(e) => log::error!("{e}"),
+            }
+            // Control clients may have queued while it was closed.
+            let tracker = self.lifecycle.generation().tracker().clone();
+            self.control.accept(&tracker);
+        }
     }
 
     fn token(&self, offset: usize) -> Token {
         Token(self.first_token + offset)
     }
 
-    /// Queue [`Event::Accept`] for `id` with a fresh budget, unless it is
-    /// closed, backing off, or queued already.
-    fn announce(&mut self, id: ListenerId) {
-        let Some(slot) = self.listeners.get_mut(id.0) else {
+    /// The token for the next listener or datagram socket.
+    fn socket_token(&self) -> Result<Token, Error> {
+        let index = self.listeners.len() + self.datagrams.len();
+        if index >= MAX_SOCKETS {
+            return Err(Error::TooManyListeners { max: MAX_SOCKETS });
+        }
+        Ok(self.token(FIRST_SOCKET + index))
+    }
+
+    /// A listener or datagram socket is ready.
+    fn socket_ready(&mut self, token: Token) {
+        if let Some(index) = self.listeners.iter().position(|s| s.token == token) {
+            self.announce(index);
+        } else if let Some(index) = self.datagrams.iter().position(|s| s.token == token) {
+            let queued = self
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Datagram { socket } if socket.0 == index));
+            if self.datagrams[index].socket.is_some() && !queued {
+                self.events.push_back(Event::Datagram {
+                    socket: DatagramId(index),
+                });
+            }
+        }
+    }
+
+    /// Queue [`Event::Accept`] for listener `index` with a fresh budget,
+    /// unless it is closed, backing off, or queued already.
+    fn announce(&mut self, index: usize) {
+        let Some(slot) = self.listeners.get_mut(index) else {
             return;
         };
         if slot.listener.is_none() || slot.paused_until.is_some() {
             return;
         }
         slot.budget = ACCEPT_BATCH;
+        let id = ListenerId(index);
         let queued = self
             .events
             .iter()
@@ -670,194 +854,30 @@ impl Baton {
         }
     }
 
-    fn read_signals(&mut self) {
-        let stopped = self.generation.stop_token().is_stopped();
-        let Some(signals) = self.signals.as_mut() else {
-            return;
-        };
-        for signal in signals.pending() {
-            let event = match signal {
-                SIGHUP => Event::Upgrade,
-                SIGTERM | SIGINT => Event::Shutdown,
-                _ => continue,
-            };
-            if !stopped {
-                self.events.push_back(event);
-            }
-        }
-    }
-
-    fn poll_upgrade(&mut self) {
-        let Some(pending) = self.upgrade.as_mut() else {
-            return;
-        };
-        if let Poll::Ready(result) = pending.poll() {
-            self.end_upgrade();
-            self.settle_upgrade(result);
-        }
-    }
-
-    /// Tell the generation how the upgrade ended (a success stops it), and
-    /// the application.
-    fn settle_upgrade(&mut self, result: Result<Upgraded, UpgradeError>) {
-        match &result {
-            Ok(upgraded) => self.generation.upgraded(upgraded),
-            Err(e) => self.generation.upgrade_failed(e),
-        }
-        self.events.push_back(Event::UpgradeDone(result));
-    }
-
-    /// Take the pending upgrade out of the registry; dropping what is
-    /// returned kills the new process unless it has settled.
-    fn end_upgrade(&mut self) -> Option<PendingUpgrade> {
-        let pending = self.upgrade.take()?;
-        // Closing the fd would remove it from epoll anyway; deregistering
-        // keeps the registry's view exact.
-        let _ = self
-            .registry
-            .deregister(&mut SourceFd(&pending.as_raw_fd()));
-        if let Some(exit) = pending.exit_fd() {
-            let _ = self.registry.deregister(&mut SourceFd(&exit.as_raw_fd()));
-        }
-        Some(pending)
-    }
-
-    fn expire(&mut self, now: Instant) {
-        let due = self
-            .upgrade
-            .as_ref()
-            .is_some_and(|pending| pending.deadline() <= now);
-        if due {
-            if let Some(pending) = self.end_upgrade() {
-                self.settle_upgrade(Err(pending.time_out()));
-            }
-        } else if self
-            .upgrade
-            .as_ref()
-            .and_then(PendingUpgrade::retry_at)
-            .is_some_and(|at| at <= now)
-        {
-            // No pidfd: the dying child's exit is polled on a timer.
-            self.poll_upgrade();
-        }
-        for index in 0..self.listeners.len() {
-            let slot = &mut self.listeners[index];
-            if slot.paused_until.is_some_and(|until| until <= now) {
-                slot.paused_until = None;
-                // The connections that came meanwhile raised no new event.
-                self.announce(ListenerId(index));
-            }
-        }
-        if let Some(drain) = self.drain.as_mut().filter(|d| !d.reported) {
-            if drain.give_up.is_none() && drain.deadline <= now {
-                self.generation.tracker().force_close();
-                drain.give_up = Some(now + FORCE_GRACE);
-                self.events.push_back(Event::ForceClose);
-            }
-        }
-    }
-
-    /// The watched successor's pidfd is readable: it exited. Serve again.
-    fn check_successor(&mut self) {
-        let Some(successor) = self.drain.as_ref().and_then(|d| d.successor.as_ref()) else {
-            return;
-        };
-        let pid = successor.pid();
-        match successor.check() {
-            Ok(Successor::Exited) => {
-                log::info!("new process {pid} exited cleanly: not serving again");
-                self.end_watch();
-            }
-            Ok(Successor::Failed(status)) => self.resume(pid, status),
-            Ok(Successor::Running) => {}
-            Err(e) => {
-                log::warn!("cannot watch new process {pid} any more: {e}");
-                self.end_watch();
-            }
-        }
-    }
-
-    /// Stop watching the successor.
-    fn end_watch(&mut self) {
-        if let Some(successor) = self.drain.as_mut().and_then(|d| d.successor.take()) {
-            let _ = self
-                .registry
-                .deregister(&mut SourceFd(&successor.as_fd().as_raw_fd()));
-        }
-    }
-
-    /// The successor died while this generation drained: take the
-    /// generation back, reopen and register the listeners.
-    fn resume(&mut self, successor: u32, status: ExitStatus) {
-        self.end_watch();
-        self.drain = None;
-        self.stop_seen = false;
-        self.generation.resume(status);
-        for index in 0..self.listeners.len() {
-            let name = self.listeners[index].name.clone();
-            let reopened = self.generation.reopen::<Listener>(&name);
-            let mut listener: Listener = match reopened {
-                Ok(listener) => listener,
-                Err(e) => {
-                    log::error!("{e}");
-                    continue;
-                }
-            };
-            let token = self.token(FIRST_LISTENER + index);
-            if let Err(e) = self
-                .registry
-                .register(&mut listener, token, Interest::READABLE)
-            {
-                log::error!("cannot listen on {name:?} again: {e}");
-                continue;
-            }
-            self.listeners[index].listener = Some(listener);
-        }
-        self.events.push_back(Event::Resumed { successor, status });
-        for index in 0..self.listeners.len() {
-            self.announce(ListenerId(index));
-        }
-    }
-
-    /// The stop flag is set but [`Event::Stop`] not queued yet.
+    /// The stop token was stopped from outside, and the lifecycle has not
+    /// acted on it yet.
     fn stop_pending(&self) -> bool {
-        !self.stop_seen && self.generation.stop_token().is_stopped()
+        !self.stopped && !self.done && self.lifecycle.generation().stop_token().is_stopped()
     }
 
-    /// Queue [`Event::Stop`] once the token is stopped: close the listeners
-    /// and abandon an upgrade still pending (killing its process).
-    fn check_stop(&mut self) {
-        if !self.stop_pending() {
-            return;
-        }
-        self.stop_seen = true;
-        for slot in &mut self.listeners {
-            if let Some(mut listener) = slot.listener.take() {
-                let _ = self.registry.deregister(&mut listener);
-            }
-            slot.paused_until = None;
-        }
-        if let Some(pending) = self.end_upgrade() {
-            drop(pending);
-            self.settle_upgrade(Err(UpgradeError::Stopping));
-        }
-        let reason = self
-            .generation
-            .stop_token()
-            .reason()
-            .unwrap_or(StopReason::Shutdown);
-        self.events.push_back(Event::Stop { reason });
+    /// A listener held at the connection limit can accept again.
+    fn unhold_due(&self) -> bool {
+        self.listeners.iter().any(|slot| slot.held)
+            && self.lifecycle.generation().tracker().open() < self.config.max_connections
     }
 
-    /// The drain runs, is not reported yet, its watch is over, and no
-    /// connection is open (or the deadline and its grace have passed).
-    fn drain_complete(&self, now: Instant) -> bool {
-        self.drain.as_ref().is_some_and(|d| {
-            !d.reported
-                && d.not_before <= now
-                && (self.generation.tracker().open() == 0
-                    || d.give_up.is_some_and(|give_up| give_up <= now))
-        })
+    /// Tell the previous generation why this one cannot serve; returns
+    /// `error`.
+    fn fail(&self, error: Error) -> Error {
+        report(&self.lifecycle, &error);
+        error
+    }
+}
+
+/// Tell the previous generation (if any) why this one cannot serve.
+fn report(lifecycle: &Lifecycle, error: &Error) {
+    if let Err(e) = lifecycle.generation().report_error(&error.to_string()) {
+        log::warn!("cannot tell the previous generation why: {e}");
     }
 }
 

@@ -6,19 +6,15 @@
 //! The HTTP handling is one sans-IO module ([`http`]) that every backend
 //! drives, so comparing backends compares runtimes, not HTTP stacks.
 //! The control socket (`--control PATH`: `batonctl upgrade|status|stop`,
-//! or the aliases `baton-demo upgrade|status`) speaks the library's line
-//! protocol, `baton_core::control`; [`control`] adapts it to the demo's
-//! servers.
+//! or the aliases `baton-demo upgrade|status`) and every lifecycle log line
+//! are the library's.
 
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod cli;
 pub mod config;
-#[cfg(feature = "mio")]
-pub mod control;
 pub mod control_client;
-pub mod events;
 pub mod http;
 
 /// The server could not start or serve; the reason is already logged.
@@ -35,7 +31,7 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
         if let Ok(generation) = baton_core::Generation::from_env(baton_core::Config::default()) {
             let _ = generation.report_error(&message);
         }
-        events::fatal(message)
+        fatal(message)
     };
     // Read the --config file once: backend, listeners and timeouts all come
     // from the same version of it.
@@ -50,8 +46,14 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
         "smol" => backend::smol::run(options),
         #[cfg(feature = "mio")]
         "mio" => backend::mio::run(options),
-        other => Err(events::fatal(format_args!(
-            "backend {other:?} is not compiled in"
-        ))),
+        other => Err(fatal(format_args!("backend {other:?} is not compiled in"))),
     }
+}
+
+/// A fatal error before the server runs: `baton-demo: error: …`.
+fn fatal(message: impl std::fmt::Display) -> Failed {
+    use std::io::Write;
+    let line = format!("baton-demo: error: {message}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    Failed
 }

@@ -2,12 +2,16 @@
 //! connection an explicit state machine driving [`crate::http`]
 //! (reading → handling → writing → closing).
 //!
-//! It behaves as the tokio server does, line for line in the log: after a
-//! stop, a request in progress is finished and answered with
-//! `Connection: close`, an idle connection waits `--idle-grace` for one last
-//! request, and what is left at `--drain-timeout` is cut. Every wait is a
-//! deadline in a timer heap, so an idle server blocks in `poll` until the
-//! nearest one (or forever).
+//! baton-mio runs the lifecycle (signals, control socket, upgrade, drain,
+//! resume) and says what to do; this module serves HTTP and UDP. It behaves
+//! as the tokio server does, line for line in the log: after a stop, a
+//! request in progress is finished and answered with `Connection: close`,
+//! idle connections close at [`Event::CloseIdle`] (a request that raced it
+//! is still served), and what is left at [`Event::ForceClose`] is cut.
+//! Every wait is a deadline in a timer heap, so an idle server blocks in
+//! `poll` until the nearest one (or forever). An idle connection holds no
+//! buffer: reads land in one scratch buffer shared by all, and the response
+//! buffer is dropped once written.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -15,14 +19,10 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use baton_mio::{
-    Baton, Config, Connection, ConnectionState, Event, ListenAddr, ListenerId, Stream, UpgradeError,
-};
+use baton_mio::{Baton, Config, Connection, DatagramId, Event, Stream};
 use mio::{Interest, Poll, Registry, Token};
 
-use crate::cli::Options;
-use crate::control::{self, Memory, Parsed};
-use crate::events::{self, Events};
+use crate::cli::{self, Options};
 use crate::http::{self, Action, RequestReader, Response, ServerInfo};
 use crate::Failed;
 
@@ -33,299 +33,146 @@ const FIRST_CONN: usize = baton_mio::TOKENS;
 /// turn of the loop, so a client pipelining without pause cannot starve
 /// the others; the rest waits for the next turn.
 const STEPS_PER_TURN: u32 = 64;
-/// Control connection `n` is `FIRST_CONTROL + n`, far above the HTTP ones.
-const FIRST_CONTROL: usize = usize::MAX / 2;
-/// The `--udp` socket, between the HTTP and the control connections.
-const UDP: Token = Token(FIRST_CONTROL - 1);
+/// How much one read takes at most.
+const READ_CHUNK: usize = 16 * 1024;
 
-/// Serve until upgraded or stopped, then drain. Errors are logged.
-pub fn run(options: &Options) -> Result<(), Failed> {
-    let mut poll =
-        Poll::new().map_err(|e| events::fatal(format_args!("cannot create the mio poll: {e}")))?;
-    let mut config = Config::default().upgrade_timeout(options.upgrade_timeout);
+/// The library's configuration, from the demo's flags.
+// The same as `super::server::config`, which is built only with tokio or smol.
+fn config(options: &Options) -> Config {
+    let mut config = Config::default()
+        .upgrade_timeout(options.upgrade_timeout)
+        .drain_timeout(options.drain_timeout)
+        .successor_watch(options.successor_watch)
+        .idle_grace(options.idle_grace)
+        .max_connections(options.max_connections);
     if let Some(path) = &options.next_binary {
         config = config.program(path);
     }
     if let Some(path) = &options.pid_file {
         config = config.pid_file(path);
     }
-    let mut baton = Baton::new(config, poll.registry(), Token(0)).map_err(events::fatal)?;
-    let events = Events::new(baton.generation(), BACKEND);
-    events.install_as_logger();
-    let fail = |baton: &Baton, message: String| {
-        events.emit(format_args!("error: {message}"));
-        // Tell the previous generation why, so its upgrade fails with it.
-        let _ = baton.report_error(&message);
+    if let Some(path) = &options.control {
+        config = config.control(path);
+    }
+    config
+}
+
+/// Serve until upgraded or stopped, then drain. Errors are logged.
+pub fn run(options: &Options) -> Result<(), Failed> {
+    let failed = |e: &dyn std::fmt::Display| {
+        log::error!("{e}");
         Failed
     };
-
+    let mut poll =
+        Poll::new().map_err(|e| failed(&format_args!("cannot create the mio poll: {e}")))?;
+    // Errors of `Baton`'s methods are reported to the previous generation.
+    let mut baton =
+        Baton::new(config(options), poll.registry(), Token(0)).map_err(|e| failed(&e))?;
     for (name, addr) in &options.listeners() {
-        let (id, origin) = match baton.listen_with_origin(name, addr) {
-            Ok(listener) => listener,
-            Err(e) => return Err(fail(&baton, e.to_string())),
-        };
-        let local = baton
-            .listener(id)
-            .and_then(|l| l.local_addr().ok())
-            .unwrap_or_else(|| addr.to_string());
-        let origin = match origin {
-            baton_mio::Origin::Inherited => "inherited",
-            baton_mio::Origin::Bound => "bound",
-        };
-        events.emit(format_args!("listening on {local} ({name}, {origin})"));
+        baton.listen(name, addr).map_err(|e| failed(&e))?;
     }
-    let control_id = match &options.control {
-        Some(path) => {
-            let addr = ListenAddr::Unix(path.clone());
-            let (id, origin) = match baton.listen_with_origin(control::LISTENER_NAME, &addr) {
-                Ok(listener) => listener,
-                Err(e) => return Err(fail(&baton, e.to_string())),
-            };
-            let origin = match origin {
-                baton_mio::Origin::Inherited => "inherited",
-                baton_mio::Origin::Bound => {
-                    if let Err(e) = control::restrict(path) {
-                        return Err(fail(&baton, e.to_string()));
-                    }
-                    "bound"
-                }
-            };
-            events.emit(format_args!(
-                "listening on unix:{} ({}, {origin})",
-                path.display(),
-                control::LISTENER_NAME
-            ));
-            Some(id)
-        }
+    let mut udp = match options.udp {
+        Some(addr) => Some(Udp {
+            id: baton
+                .datagram(cli::UDP_NAME, addr)
+                .map_err(|e| failed(&e))?,
+            more: false,
+            buf: Vec::new(),
+        }),
         None => None,
     };
+    let registry = match poll.registry().try_clone() {
+        Ok(registry) => registry,
+        Err(e) => {
+            let message = format!("cannot clone the mio registry: {e}");
+            let _ = baton.report_error(&message);
+            return Err(failed(&message));
+        }
+    };
+    baton.ready().map_err(|e| failed(&e))?;
     let info = ServerInfo {
         pid: std::process::id(),
         generation: baton.generation(),
         backend: BACKEND,
     };
-    let mut udp = match options.udp {
-        Some(addr) => {
-            let (socket, origin) = match baton.datagram(crate::cli::UDP_NAME, addr) {
-                Ok(datagram) => datagram,
-                Err(e) => return Err(fail(&baton, e.to_string())),
-            };
-            let local = socket
-                .local_addr()
-                .map_or_else(|_| addr.to_string(), |a| a.to_string());
-            let origin = match origin {
-                baton_mio::Origin::Inherited => "inherited",
-                baton_mio::Origin::Bound => "bound",
-            };
-            events.emit(format_args!(
-                "listening on udp:{local} ({}, {origin})",
-                crate::cli::UDP_NAME
-            ));
-            let registry = match poll.registry().try_clone() {
-                Ok(registry) => registry,
-                Err(e) => return Err(fail(&baton, format!("cannot clone the mio registry: {e}"))),
-            };
-            let mut udp = Udp::new(registry, info.clone(), events.clone());
-            if let Err(e) = udp.serve(socket) {
-                return Err(fail(&baton, format!("udp: {e}")));
-            }
-            Some(udp)
-        }
-        None => None,
-    };
-    let registry = match poll.registry().try_clone() {
-        Ok(registry) => registry,
-        Err(e) => return Err(fail(&baton, format!("cannot clone the mio registry: {e}"))),
-    };
-    if let Err(e) = baton.handle_signals() {
-        return Err(fail(&baton, format!("cannot handle signals: {e}")));
-    }
-    let controls_registry = match poll.registry().try_clone() {
-        Ok(registry) => registry,
-        Err(e) => return Err(fail(&baton, format!("cannot clone the mio registry: {e}"))),
-    };
-    match baton.ready() {
-        Ok(()) => {}
-        // Another live process owns the PID file: refuse to start, and tell
-        // the previous generation why (its upgrade fails, it serves on).
-        Err(e @ baton_core::Error::PidFile(_)) => return Err(fail(&baton, e.to_string())),
-        Err(e) => events.emit(format_args!("warning: {e}; serving anyway")),
-    }
-    events.emit("serving");
-    let memory = Memory::new(baton.generation(), BACKEND);
-    let mut controls = Controls::new(controls_registry, options.write_timeout, events.clone());
-
     let mut server = Server::new(registry, options, info);
     let mut ready = mio::Events::with_capacity(1024);
-    // Listeners left with clients waiting at --max-connections.
-    let mut held: Vec<ListenerId> = Vec::new();
     loop {
-        let timeout = earliest(
-            earliest(baton.next_timeout(), server.next_timeout()),
-            controls.next_timeout(),
-        );
+        let mut timeout = earliest(baton.next_timeout(), server.next_timeout());
+        if udp.as_ref().is_some_and(|udp| udp.more) {
+            timeout = Some(Duration::ZERO);
+        }
         match poll.poll(&mut ready, timeout) {
             Ok(()) => {}
             // A signal arrived; its pipe is readable on the next poll.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                events.emit(format_args!("error: poll: {e}"));
-                return Err(Failed);
-            }
+            Err(e) => return Err(failed(&format_args!("poll: {e}"))),
         }
         baton.process(&ready);
+        if let Some(udp) = udp.as_mut().filter(|udp| udp.more) {
+            udp.ready(&baton, &server.ctx.info);
+        }
         while let Some(event) = baton.next_event() {
             match event {
-                Event::Accept { listener } if Some(listener) != control_id => {
-                    accept_http(&mut baton, listener, &mut server, &events, &mut held);
-                }
-                Event::Accept { listener } => loop {
-                    match baton.accept(listener) {
-                        Ok(Some((stream, conn))) => controls.add(stream, conn),
-                        Ok(None) => break,
-                        // EMFILE and friends: baton pauses the listener.
-                        Err(e) => {
-                            events.emit(format_args!("warning: accept: {e}; backing off"));
-                            break;
-                        }
-                    }
-                },
-                Event::Upgrade => {
-                    begin_upgrade(&mut baton, &memory, &events, &mut controls, None);
-                }
-                Event::UpgradeDone(result) => {
-                    let line = events.upgrade_outcome(&result);
-                    memory.record(&line);
-                    // Answered before the drain starts: the old generation
-                    // exits only once the control connection is closed.
-                    controls.answer_waiting(&line);
-                }
-                Event::Shutdown => {
-                    events.emit("stopping: signal received");
-                    baton.stop();
-                }
-                Event::Stop { .. } => {
-                    events.emit(format_args!(
-                        "draining {} connections",
-                        baton.tracker().open()
-                    ));
-                    // After an upgrade, serve again if the new generation dies
-                    // while this one drains.
-                    let watch = options.successor_watch;
-                    if let Err(e) = baton.drain_watching(options.drain_timeout, watch) {
-                        events.emit(format_args!("warning: {e}; draining without watching"));
-                        baton.drain(options.drain_timeout);
-                    }
-                    server.stop();
-                    // The next generation reads the rest of the shared queue.
-                    if let Some(udp) = udp.as_mut() {
-                        udp.stop();
+                // At --max-connections baton returns None and announces the
+                // listener again once a connection closed (back-pressure).
+                Event::Accept { listener } => {
+                    while let Some((stream, conn)) = baton.accept(listener) {
+                        server.add(stream, conn);
                     }
                 }
-                Event::Resumed { successor, status } => {
-                    events.emit(format_args!(
-                        "resumed: new generation {successor} ended ({status}) while this one drained; serving again"
-                    ));
-                    if let Some(udp) = udp.as_mut() {
-                        let reopened = baton
-                            .reopen_datagram(crate::cli::UDP_NAME)
-                            .map_err(|e| e.to_string())
-                            .and_then(|socket| udp.serve(socket).map_err(|e| e.to_string()));
-                        if let Err(e) = reopened {
-                            events.emit(format_args!("error: udp: {e}"));
-                        }
+                Event::Datagram { socket } => {
+                    if let Some(udp) = udp.as_mut().filter(|udp| udp.id == socket) {
+                        udp.ready(&baton, &server.ctx.info);
                     }
                 }
-                Event::ForceClose => {
-                    server.close_all();
-                    controls.close_all();
-                }
-                Event::Drained(report) => {
-                    events.emit(format_args!("drained: {report}"));
-                    events.emit("exit");
-                    return Ok(());
-                }
+                Event::CloseIdle => server.close_idle(),
+                Event::ForceClose => server.close_all(),
+                Event::Drained(_) => return Ok(()),
+                // Stop: connections see it (`Connection::is_draining`) when
+                // they answer; Resumed: baton accepts again.
                 _ => {}
             }
         }
         server.resume();
         for event in ready.iter().filter(|e| !baton.owns(e.token())) {
-            if event.token() == UDP {
-                if let Some(udp) = udp.as_mut() {
-                    udp.ready();
-                }
-            } else if event.token().0 >= FIRST_CONTROL {
-                controls.ready(event.token());
-            } else {
-                server.ready(event);
-            }
+            server.ready(event);
         }
         server.expire(Instant::now());
-        controls.expire(Instant::now());
-        // Connections closed: accept again on the listeners held at the limit.
-        if !held.is_empty() && baton.tracker().open() < options.max_connections {
-            for listener in std::mem::take(&mut held) {
-                accept_http(&mut baton, listener, &mut server, &events, &mut held);
-            }
-        }
-        // Control connections that asked for an upgrade, or their status.
-        for (slot, command) in controls.take_requests() {
-            match command {
-                control::Command::Upgrade => {
-                    begin_upgrade(&mut baton, &memory, &events, &mut controls, Some(slot));
-                }
-                control::Command::Stop => controls.answer(slot, control::stop(&events)),
-                control::Command::Status => {
-                    let tracker = baton.tracker();
-                    let answer = memory.status(tracker.open(), tracker.busy()).answer();
-                    controls.answer(slot, answer);
-                }
-            }
-        }
     }
 }
 
-/// The `--udp` echo: registered under [`UDP`] while this generation serves.
+/// The `--udp` echo, on the socket baton holds while this generation serves.
 struct Udp {
-    registry: Registry,
-    socket: Option<mio::net::UdpSocket>,
-    info: ServerInfo,
-    events: Events,
+    id: DatagramId,
+    /// A batch ended with datagrams maybe still queued: go on next turn.
+    more: bool,
+    /// Allocated at the first datagram.
     buf: Vec<u8>,
 }
 
 impl Udp {
-    fn new(registry: Registry, info: ServerInfo, events: Events) -> Self {
-        Udp {
-            registry,
-            socket: None,
-            info,
-            events,
-            buf: vec![0; 65_536],
-        }
-    }
-
-    /// Serve `socket` (from the generation): register it under [`UDP`].
-    /// Datagrams already queued are reported by the registration.
-    fn serve(&mut self, socket: std::net::UdpSocket) -> io::Result<()> {
-        let mut socket = mio::net::UdpSocket::from_std(socket);
-        self.registry
-            .register(&mut socket, UDP, Interest::READABLE)?;
-        self.socket = Some(socket);
-        Ok(())
-    }
-
     /// Echo every datagram waiting (readiness is edge-triggered). A
     /// datagram received is always answered, unless the send buffer is
     /// full: that reply is dropped, as UDP may.
-    fn ready(&mut self) {
-        let Some(socket) = self.socket.as_ref() else {
+    fn ready(&mut self, baton: &Baton, info: &ServerInfo) {
+        self.more = false;
+        let Some(socket) = baton.datagram_socket(self.id) else {
             return;
         };
-        loop {
+        if self.buf.is_empty() {
+            self.buf = vec![0; 65_536];
+        }
+        // Bounded: the queue may refill as fast as it is read, so stop after
+        // a batch and go on next turn (no new edge comes for what is queued).
+        self.more = true;
+        for _ in 0..1024 {
             let (len, peer) = match socket.recv_from(&mut self.buf) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.more = false;
+                    return;
+                }
                 // ECONNREFUSED from the ICMP answer to an earlier reply
                 // concerns that peer only.
                 Err(e)
@@ -339,343 +186,18 @@ impl Udp {
                     continue
                 }
                 Err(e) => {
-                    self.events.emit(format_args!("warning: udp: {e}"));
+                    log::warn!("udp: {e}");
+                    self.more = false;
                     return;
                 }
             };
-            let reply = crate::cli::udp_echo(&self.info, &self.buf[..len]);
+            let reply = cli::udp_echo(info, &self.buf[..len]);
             match socket.send_to(&reply, peer) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => self
-                    .events
-                    .emit(format_args!("warning: udp reply to {peer}: {e}")),
+                Err(e) => log::warn!("udp reply to {peer}: {e}"),
             }
         }
-    }
-
-    /// The stop: deregister and drop this handle. The generation's own copy
-    /// keeps the socket open for the next generation (and a resume).
-    fn stop(&mut self) {
-        if let Some(mut socket) = self.socket.take() {
-            let _ = self.registry.deregister(&mut socket);
-        }
-    }
-}
-
-/// Accept HTTP connections on `listener` until none is waiting. At
-/// --max-connections it stops and records the listener in `held`: the
-/// clients wait in the kernel's accept queue (backpressure, not a refusal),
-/// and the loop accepts again once a connection closes. The listener's
-/// readiness is edge-triggered, so leaving it unaccepted cannot spin.
-fn accept_http(
-    baton: &mut Baton,
-    listener: ListenerId,
-    server: &mut Server<'_>,
-    events: &Events,
-    held: &mut Vec<ListenerId>,
-) {
-    loop {
-        if baton.tracker().open() >= server.ctx.options.max_connections {
-            if !held.contains(&listener) {
-                held.push(listener);
-            }
-            return;
-        }
-        match baton.accept(listener) {
-            Ok(Some((stream, conn))) => server.add(stream, conn),
-            Ok(None) => return,
-            // EMFILE and friends: baton pauses the listener.
-            Err(e) => {
-                events.emit(format_args!("warning: accept: {e}; backing off"));
-                return;
-            }
-        }
-    }
-}
-
-/// Start an upgrade (SIGHUP, or the control connection in `slot`). Its
-/// outcome comes as [`Event::UpgradeDone`]; if it cannot start, that is
-/// logged and answered now.
-fn begin_upgrade(
-    baton: &mut Baton,
-    memory: &Memory,
-    events: &Events,
-    controls: &mut Controls,
-    slot: Option<(usize, u64)>,
-) {
-    match baton.start_upgrade() {
-        Ok(pid) => {
-            events.emit(format_args!("upgrade started: new process {pid}"));
-            if let Some(slot) = slot {
-                controls.wait_for_outcome(slot);
-            }
-        }
-        Err(e) => {
-            events.emit(format_args!("upgrade failed: {e}; still serving"));
-            let line = control::outcome_line(Err(&e.to_string()));
-            if !matches!(
-                e,
-                UpgradeError::AlreadyRunning { .. } | UpgradeError::Stopping
-            ) {
-                memory.record(&line);
-            }
-            if let Some(slot) = slot {
-                controls.answer(slot, format!("{line}\n"));
-            }
-        }
-    }
-}
-
-/// The control connections ([`crate::control`]): each reads one command,
-/// is answered, and closes. Tracked like HTTP connections, so a drain waits
-/// for an answer in flight; few, so deadlines are found by a scan.
-struct Controls {
-    registry: Registry,
-    conns: Vec<Option<ControlConn>>,
-    free: Vec<usize>,
-    next_serial: u64,
-    /// `(slot, serial)` and command of connections whose command was read.
-    requests: Vec<((usize, u64), control::Command)>,
-    write_timeout: Duration,
-    events: Events,
-}
-
-/// Where a control connection is.
-enum ControlState {
-    /// Reading the command line, until the command deadline.
-    Reading,
-    /// Waiting for the main loop: a status, or (`upgrade`) the outcome of
-    /// the upgrade it started.
-    Waiting { upgrade: bool },
-    /// Writing `out`, until the write deadline.
-    Writing,
-    /// FIN sent: reading until the client closes too (bounded).
-    Closing,
-}
-
-struct ControlConn {
-    serial: u64,
-    stream: Stream,
-    _conn: Connection,
-    state: ControlState,
-    buf: Vec<u8>,
-    /// The answer for a refused peer, sent once its command is read.
-    refusal: Option<String>,
-    out: Vec<u8>,
-    written: usize,
-    deadline: Option<Instant>,
-}
-
-impl Controls {
-    fn new(registry: Registry, write_timeout: Duration, events: Events) -> Self {
-        Controls {
-            registry,
-            conns: Vec::new(),
-            free: Vec::new(),
-            next_serial: 0,
-            requests: Vec::new(),
-            write_timeout,
-            events,
-        }
-    }
-
-    fn add(&mut self, mut stream: Stream, mut conn: Connection) {
-        use std::os::fd::AsFd;
-        conn.set_busy();
-        // Checked now, but the command is read either way: answering before
-        // it is read would make the close reset the connection.
-        let peer = match &stream {
-            Stream::Unix(unix) => control::check_peer(unix.as_fd()),
-            Stream::Tcp(_) => return,
-        };
-        let refusal = peer.err().map(|refusal| {
-            self.events.emit(&refusal.log);
-            refusal.answer
-        });
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.conns.push(None);
-            self.conns.len() - 1
-        });
-        let token = Token(FIRST_CONTROL + slot);
-        if self
-            .registry
-            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-            .is_err()
-        {
-            self.free.push(slot);
-            return;
-        }
-        self.next_serial += 1;
-        self.conns[slot] = Some(ControlConn {
-            serial: self.next_serial,
-            stream,
-            _conn: conn,
-            state: ControlState::Reading,
-            buf: Vec::new(),
-            refusal,
-            out: Vec::new(),
-            written: 0,
-            deadline: Some(Instant::now() + control::COMMAND_TIMEOUT),
-        });
-        self.drive(slot);
-    }
-
-    fn ready(&mut self, token: Token) {
-        if let Some(slot) = token.0.checked_sub(FIRST_CONTROL) {
-            self.drive(slot);
-        }
-    }
-
-    /// Make the progress readiness allows (mio reports edges: every read
-    /// and write goes on until it would block).
-    fn drive(&mut self, slot: usize) {
-        let Some(Some(conn)) = self.conns.get_mut(slot) else {
-            return;
-        };
-        let mut chunk = [0u8; control::MAX_COMMAND];
-        // Bounded: each turn reads (at most MAX_COMMAND + a chunk) or writes.
-        for _ in 0..64 {
-            match conn.state {
-                ControlState::Reading => match control::parse(&conn.buf) {
-                    Parsed::Incomplete => match conn.stream.read(&mut chunk) {
-                        Ok(0) => return self.remove(slot),
-                        Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => return self.remove(slot),
-                    },
-                    Parsed::Invalid(answer) => {
-                        let answer = conn.refusal.take().unwrap_or(answer);
-                        conn.write(answer, self.write_timeout);
-                    }
-                    Parsed::Command(command) => match conn.refusal.take() {
-                        Some(answer) => conn.write(answer, self.write_timeout),
-                        None => {
-                            conn.state = ControlState::Waiting { upgrade: false };
-                            conn.deadline = None;
-                            self.requests.push(((slot, conn.serial), command));
-                            return;
-                        }
-                    },
-                },
-                ControlState::Waiting { .. } => return,
-                ControlState::Writing => {
-                    if conn.written == conn.out.len() {
-                        if conn.stream.shutdown(Shutdown::Write).is_err() {
-                            return self.remove(slot);
-                        }
-                        conn.state = ControlState::Closing;
-                        conn.deadline = Some(Instant::now() + Duration::from_secs(1));
-                        continue;
-                    }
-                    match conn.stream.write(&conn.out[conn.written..]) {
-                        Ok(0) => return self.remove(slot),
-                        Ok(n) => conn.written += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => return self.remove(slot),
-                    }
-                }
-                ControlState::Closing => match conn.stream.read(&mut chunk) {
-                    Ok(0) => return self.remove(slot),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return self.remove(slot),
-                },
-            }
-        }
-    }
-
-    /// The connections whose command was read, for the main loop.
-    fn take_requests(&mut self) -> Vec<((usize, u64), control::Command)> {
-        std::mem::take(&mut self.requests)
-    }
-
-    /// The connection `(slot, serial)` started the running upgrade and
-    /// waits for its outcome.
-    fn wait_for_outcome(&mut self, (slot, serial): (usize, u64)) {
-        if let Some(Some(conn)) = self.conns.get_mut(slot) {
-            if conn.serial == serial {
-                conn.state = ControlState::Waiting { upgrade: true };
-            }
-        }
-    }
-
-    /// Answer the connection `(slot, serial)`, if it is still there.
-    fn answer(&mut self, (slot, serial): (usize, u64), answer: String) {
-        if let Some(Some(conn)) = self.conns.get_mut(slot) {
-            if conn.serial == serial && matches!(conn.state, ControlState::Waiting { .. }) {
-                conn.write(answer, self.write_timeout);
-                self.drive(slot);
-            }
-        }
-    }
-
-    /// An upgrade's outcome, to the connection that started it.
-    fn answer_waiting(&mut self, line: &str) {
-        for slot in 0..self.conns.len() {
-            if let Some(Some(conn)) = self.conns.get_mut(slot) {
-                if matches!(conn.state, ControlState::Waiting { upgrade: true }) {
-                    conn.write(format!("{line}\n"), self.write_timeout);
-                    self.drive(slot);
-                }
-            }
-        }
-    }
-
-    fn remove(&mut self, slot: usize) {
-        if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
-            let _ = self.registry.deregister(&mut conn.stream);
-            self.free.push(slot);
-        }
-    }
-
-    fn close_all(&mut self) {
-        for slot in 0..self.conns.len() {
-            self.remove(slot);
-        }
-    }
-
-    fn next_timeout(&self) -> Option<Duration> {
-        let now = Instant::now();
-        self.conns
-            .iter()
-            .flatten()
-            .filter_map(|conn| conn.deadline)
-            .min()
-            .map(|at| at.saturating_duration_since(now))
-    }
-
-    /// Deadlines that passed: a command not read in time is answered so; a
-    /// write or a close that takes too long is cut.
-    fn expire(&mut self, now: Instant) {
-        for slot in 0..self.conns.len() {
-            let Some(Some(conn)) = self.conns.get_mut(slot) else {
-                continue;
-            };
-            if conn.deadline.is_none_or(|at| at > now) {
-                continue;
-            }
-            match conn.state {
-                ControlState::Reading => {
-                    let answer = conn.refusal.take().unwrap_or_else(control::timed_out);
-                    conn.write(answer, self.write_timeout);
-                    self.drive(slot);
-                }
-                _ => self.remove(slot),
-            }
-        }
-    }
-}
-
-impl ControlConn {
-    fn write(&mut self, answer: String, timeout: Duration) {
-        self.out = answer.into_bytes();
-        self.written = 0;
-        self.state = ControlState::Writing;
-        self.deadline = Some(Instant::now() + timeout);
     }
 }
 
@@ -721,7 +243,7 @@ impl<'a> Server<'a> {
             ctx: Ctx {
                 options,
                 info,
-                buf: vec![0u8; 16 * 1024],
+                buf: vec![0u8; READ_CHUNK],
             },
         }
     }
@@ -800,10 +322,11 @@ impl<'a> Server<'a> {
         }
     }
 
-    /// The stop: idle connections now wait only the grace for a last request.
-    fn stop(&mut self) {
+    /// The idle grace after the stop passed: close the connections that
+    /// wait for their next request.
+    fn close_idle(&mut self) {
         for slot in 0..self.conns.len() {
-            self.drive(slot, |conn, ctx| conn.stop(ctx));
+            self.drive(slot, |conn, ctx| conn.close_idle(ctx));
         }
     }
 
@@ -889,8 +412,6 @@ struct Conn {
     armed: Option<Instant>,
     /// The read deadline must be set anew (new wait, or bytes arrived).
     rearm: bool,
-    /// The read deadline is the drain's idle grace.
-    in_grace: bool,
     /// Steps left in this turn of the loop.
     steps: u32,
     /// When the first byte of the request being read arrived: the header
@@ -916,12 +437,11 @@ impl Conn {
             // Try at once: the request may be there already.
             readable: true,
             writable: true,
-            out: Vec::with_capacity(1024),
+            out: Vec::new(),
             written: 0,
             deadline: None,
             armed: None,
             rearm: true,
-            in_grace: false,
             steps: STEPS_PER_TURN,
             request_started: None,
         }
@@ -966,17 +486,21 @@ impl Conn {
                             Got::Closed => return Next::Drop,
                         }
                     }
+                    if idle {
+                        // Waiting for the next request: hold no buffer.
+                        self.reader = RequestReader::new();
+                        if self.conn.tracker().is_closing_idle() {
+                            return self.close(ctx);
+                        }
+                    }
                     if self.rearm {
                         self.rearm = false;
                         let options = ctx.options;
-                        self.in_grace = idle && self.conn.is_draining();
                         let now = Instant::now();
-                        self.deadline = Some(match (idle, self.in_grace) {
-                            (true, true) => now + options.idle_grace,
-                            (true, false) => now + options.idle_timeout,
-                            (false, _) => {
-                                *self.request_started.get_or_insert(now) + options.header_timeout
-                            }
+                        self.deadline = Some(if idle {
+                            now + options.idle_timeout
+                        } else {
+                            *self.request_started.get_or_insert(now) + options.header_timeout
                         });
                     }
                     return Next::Wait;
@@ -997,6 +521,8 @@ impl Conn {
                             Err(_) => return Next::Drop,
                         }
                     }
+                    // Written: an idle connection holds no buffer.
+                    self.out = Vec::new();
                     if !stay_busy {
                         self.conn.set_idle();
                     }
@@ -1047,13 +573,20 @@ impl Conn {
         }
     }
 
-    /// The server stopped: an idle connection waits only the grace now.
-    fn stop(&mut self, ctx: &mut Ctx<'_>) -> Next {
-        if matches!(self.state, State::Reading) && self.reader.is_idle() && !self.in_grace {
-            self.rearm = true;
-            return self.drive(ctx);
+    /// The idle grace after the stop passed: close if waiting for the next
+    /// request (a request that raced it is served, with `Connection: close`).
+    fn close_idle(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        if !matches!(self.state, State::Reading) || !self.reader.is_idle() {
+            return Next::Wait;
         }
-        Next::Wait
+        match self.read(&mut ctx.buf) {
+            Got::Data => {
+                self.rearm = true;
+                self.drive(ctx)
+            }
+            Got::WouldBlock => self.close(ctx),
+            Got::Closed => Next::Drop,
+        }
     }
 
     /// Start answering `request`: now, or at the end of a `/sleep`.
@@ -1074,7 +607,7 @@ impl Conn {
     }
 
     fn respond(&mut self, response: &Response, close: bool, stay_busy: bool, ctx: &Ctx<'_>) {
-        self.out.clear();
+        self.out = Vec::with_capacity(1024);
         self.written = 0;
         http::encode(response, &ctx.info, close, &mut self.out);
         self.deadline = Some(Instant::now() + ctx.options.write_timeout);
