@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use baton_core::control::{self, Parsed};
-use baton_core::lifecycle::{Answer, ReplyTo, Request};
+use baton_core::lifecycle::{ReplyTo, Request};
 use baton_core::{Connection, Generation, ListenSocket, ListenerHandoff, Tracker};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
@@ -355,47 +355,5 @@ impl Session {
             written: 0,
         };
         self.deadline = Some(Instant::now() + WRITE_TIMEOUT);
-    }
-}
-
-/// The control protocol's text for `answer`.
-// TODO(lead): a copy of `answer_text` in core/src/server.rs; make that one
-// `pub` (taking the backend name) and call it here.
-pub(crate) fn answer_text(answer: Answer) -> String {
-    let backend = "mio";
-    match answer {
-        Answer::Upgraded(done) => {
-            let line = control::outcome_line(Ok(control_upgraded(&done)));
-            format!("{line}\n")
-        }
-        Answer::UpgradeFailed(reason) => format!("{}\n", control::outcome_line(Err(&reason))),
-        Answer::Stopping => control::STOPPING.to_owned(),
-        Answer::Status(status) => {
-            let last_upgrade = status.last_upgrade.map(|outcome| match outcome {
-                Ok(done) => control::outcome_line(Ok(control_upgraded(&done))),
-                Err(reason) => control::outcome_line(Err(&reason)),
-            });
-            control::Status {
-                pid: status.pid,
-                generation: status.generation,
-                backend,
-                uptime: status.uptime,
-                // Not counting the connection that asks.
-                open: status.open.saturating_sub(1),
-                busy: status.busy.saturating_sub(1),
-                last_upgrade,
-            }
-            .answer()
-        }
-        // A future answer this copy does not know.
-        _ => control::error_line("unexpected answer"),
-    }
-}
-
-fn control_upgraded(done: &baton_core::Upgraded) -> control::Upgraded {
-    control::Upgraded {
-        pid: done.pid,
-        generation: done.generation,
-        ready_ms: done.time_to_ready.as_millis(),
     }
 }

@@ -372,18 +372,10 @@ impl Baton {
         addr: std::net::SocketAddr,
     ) -> Result<DatagramId, Error> {
         let token = self.socket_token()?;
-        let (socket, origin) = match self.lifecycle.generation().datagram(name, addr) {
+        let (socket, _origin) = match self.lifecycle.generation().datagram(name, addr) {
             Ok(socket) => socket,
             Err(e) => return Err(self.fail(e.into())),
         };
-        let local = socket
-            .local_addr()
-            .map_or_else(|_| addr.to_string(), |a| a.to_string());
-        let origin = match origin {
-            Origin::Inherited => "inherited",
-            _ => "bound",
-        };
-        log::info!("listening on udp:{local} ({name}, {origin})");
         let mut socket = mio::net::UdpSocket::from_std(socket);
         if let Err(e) = self
             .registry
@@ -653,7 +645,8 @@ impl Baton {
         while let Some(event) = self.lifecycle.poll_event() {
             match event {
                 LifecycleEvent::Answer { reply, answer } => {
-                    self.control.answer(reply, control::answer_text(answer));
+                    self.control
+                        .answer(reply, baton_core::control::answer_text(answer, "mio"));
                 }
                 LifecycleEvent::StopAccepting(reason) => {
                     self.close_sockets();

@@ -349,7 +349,12 @@ impl Generation {
         name: &str,
         addr: std::net::SocketAddr,
     ) -> Result<(std::net::UdpSocket, Origin), Error> {
-        self.listeners.datagram(name, addr)
+        let (socket, origin) = self.listeners.datagram(name, addr)?;
+        let local = socket
+            .local_addr()
+            .map_or_else(|_| addr.to_string(), |a| a.to_string());
+        log::info!("listening on udp:{local} ({name}, {})", origin_word(origin));
+        Ok((socket, origin))
     }
 
     /// Another handle on the datagram socket `name` this generation holds,
@@ -568,7 +573,7 @@ fn log_listening(socket: &ListenSocket, name: &str, addr: &ListenAddr, origin: O
 }
 
 /// How the log says where a socket came from.
-pub(crate) fn origin_word(origin: Origin) -> &'static str {
+fn origin_word(origin: Origin) -> &'static str {
     match origin {
         Origin::Inherited => "inherited",
         Origin::Bound => "bound",

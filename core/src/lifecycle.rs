@@ -398,7 +398,7 @@ impl Lifecycle {
     fn start_upgrade(&mut self, reply: Option<ReplyTo>) {
         // While stopping, or while one runs, refuse at once: the
         // generation's own checks say why.
-        let started = if self.stop_requested || self.drain.is_some() {
+        let started = if self.stop_requested || self.drain.is_some() || self.exited {
             Err(UpgradeError::Stopping)
         } else if let Some(upgrade) = &self.upgrade {
             Err(UpgradeError::AlreadyRunning {
@@ -481,6 +481,10 @@ impl Lifecycle {
 
     /// A stop from an operator or the application.
     fn stop(&mut self, why: &str, now: Instant) {
+        if self.exited {
+            // Done already: a late SIGTERM changes nothing.
+            return;
+        }
         if self.drain.is_some() {
             // Draining already (after a handover or a first stop): an
             // operator's stop now means "finish now".

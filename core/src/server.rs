@@ -134,14 +134,7 @@ impl<R: Runtime, L: Accept> Server<R, L> {
         Fut: Future<Output = ()> + Send + 'static,
     {
         match self.lifecycle.generation().datagram(name, addr) {
-            Ok((socket, origin)) => {
-                let local = socket
-                    .local_addr()
-                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
-                log::info!(
-                    "listening on udp:{local} ({name}, {})",
-                    crate::generation::origin_word(origin)
-                );
+            Ok((socket, _origin)) => {
                 let task: DatagramTask = Arc::new(move |socket, stop| Box::pin(task(socket, stop)));
                 self.datagram_tasks.push((name.to_owned(), task.clone()));
                 self.datagrams.push((socket, task));
@@ -553,7 +546,7 @@ async fn control_session<R: Runtime>(
                 ])
                 .await;
                 match answer {
-                    Some(answer) => answer_text(answer, runtime.name()),
+                    Some(answer) => control::answer_text(answer, runtime.name()),
                     None => stopping(),
                 }
             }
@@ -564,43 +557,6 @@ async fn control_session<R: Runtime>(
     let _ = stream.shutdown(std::net::Shutdown::Write);
     // Answered: a drain counts it as finished, not forced.
     conn.set_idle();
-}
-
-/// The control protocol's text for `answer`.
-fn answer_text(answer: Answer, backend: &'static str) -> String {
-    match answer {
-        Answer::Upgraded(done) => {
-            let line = control::outcome_line(Ok(control_upgraded(&done)));
-            format!("{line}\n")
-        }
-        Answer::UpgradeFailed(reason) => format!("{}\n", control::outcome_line(Err(&reason))),
-        Answer::Stopping => control::STOPPING.to_owned(),
-        Answer::Status(status) => {
-            let last_upgrade = status.last_upgrade.map(|outcome| match outcome {
-                Ok(done) => control::outcome_line(Ok(control_upgraded(&done))),
-                Err(reason) => control::outcome_line(Err(&reason)),
-            });
-            control::Status {
-                pid: status.pid,
-                generation: status.generation,
-                backend,
-                uptime: status.uptime,
-                // Not counting the connection that asks.
-                open: status.open.saturating_sub(1),
-                busy: status.busy.saturating_sub(1),
-                last_upgrade,
-            }
-            .answer()
-        }
-    }
-}
-
-fn control_upgraded(done: &crate::Upgraded) -> control::Upgraded {
-    control::Upgraded {
-        pid: done.pid,
-        generation: done.generation,
-        ready_ms: done.time_to_ready.as_millis(),
-    }
 }
 
 /// Read until a command line is complete; `None` at EOF, error or deadline.

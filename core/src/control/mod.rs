@@ -4,7 +4,7 @@
 //! `batonctl` (or [`Client`]) talks to it: `batonctl upgrade` is the
 //! `ExecReload=` of a systemd unit, blocking until the upgrade has an
 //! outcome and failing with its reason. This module is the protocol, sans
-//! I/O ([`parse`], [`Session`], the answers, [`StatusBoard`]), which a
+//! I/O ([`parse`], [`Session`], the answers: [`answer_text`]), which a
 //! server's lifecycle drives over its runtime, and the blocking [`Client`].
 //!
 //! # The protocol
@@ -58,7 +58,7 @@ mod protocol;
 
 pub use client::{Client, ControlError};
 pub use protocol::{
-    check_peer, error_line, outcome_line, parse, parse_outcome, refused, timed_out, Command,
-    Parsed, Refusal, Session, Status, StatusBoard, Upgraded, COMMAND_TIMEOUT, LISTENER_NAME,
+    answer_text, check_peer, error_line, outcome_line, parse, parse_outcome, refused, timed_out,
+    Command, Parsed, Refusal, Session, Status, Upgraded, COMMAND_TIMEOUT, LISTENER_NAME,
     MAX_COMMAND, STOPPING,
 };

@@ -1,10 +1,10 @@
 //! The control protocol, sans I/O: commands, their parsing (whole or a
 //! connection's bytes as they arrive, [`Session`]), the answers, the peer
-//! check and what a server remembers for `status` ([`StatusBoard`]).
+//! check and the answers to the lifecycle's requests ([`answer_text`]).
 
 use std::fmt::Write as _;
 use std::os::fd::BorrowedFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest command line accepted, newline included.
 pub const MAX_COMMAND: usize = 256;
@@ -271,79 +271,42 @@ impl Status {
     }
 }
 
-/// What a server remembers for `status`: who it is, when it started, how
-/// its last upgrade ended. Plain data, owned by whatever runs the server's
-/// lifecycle (no lock: share it behind one if several tasks need it).
-#[derive(Debug, Clone)]
-pub struct StatusBoard {
-    pid: u32,
-    generation: u64,
-    backend: &'static str,
-    started: Instant,
-    last_upgrade: Option<String>,
+/// The control protocol's text for the lifecycle's `answer`, from a server
+/// whose backend is `backend`: what every driver writes back.
+pub fn answer_text(answer: crate::lifecycle::Answer, backend: &'static str) -> String {
+    use crate::lifecycle::Answer;
+    match answer {
+        Answer::Upgraded(done) => {
+            let line = outcome_line(Ok(control_upgraded(&done)));
+            format!("{line}\n")
+        }
+        Answer::UpgradeFailed(reason) => format!("{}\n", outcome_line(Err(&reason))),
+        Answer::Stopping => STOPPING.to_owned(),
+        Answer::Status(status) => {
+            let last_upgrade = status.last_upgrade.map(|outcome| match outcome {
+                Ok(done) => outcome_line(Ok(control_upgraded(&done))),
+                Err(reason) => outcome_line(Err(&reason)),
+            });
+            Status {
+                pid: status.pid,
+                generation: status.generation,
+                backend,
+                uptime: status.uptime,
+                // Not counting the connection that asks.
+                open: status.open.saturating_sub(1),
+                busy: status.busy.saturating_sub(1),
+                last_upgrade,
+            }
+            .answer()
+        }
+    }
 }
 
-impl StatusBoard {
-    /// This process, at `generation`, served by `backend` (`"tokio"`, …),
-    /// starting now.
-    pub fn new(generation: u64, backend: &'static str) -> Self {
-        StatusBoard {
-            pid: std::process::id(),
-            generation,
-            backend,
-            started: Instant::now(),
-            last_upgrade: None,
-        }
-    }
-
-    /// This process's id.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Its generation.
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// The backend serving.
-    pub fn backend(&self) -> &'static str {
-        self.backend
-    }
-
-    /// When this process started serving ([`StatusBoard::new`]).
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
-    /// Remember how an upgrade ended, and return its [`outcome_line`]: the
-    /// answer (without its newline) for the `upgrade` command that asked,
-    /// if any. Record the upgrades that ran or failed to start; an upgrade
-    /// refused because one runs already or the server stops is not one.
-    pub fn record_outcome(&mut self, outcome: Result<Upgraded, &str>) -> String {
-        let line = outcome_line(outcome);
-        self.last_upgrade = Some(line.clone());
-        line
-    }
-
-    /// The last upgrade's [`outcome_line`], if one was recorded.
-    pub fn last_upgrade(&self) -> Option<&str> {
-        self.last_upgrade.as_deref()
-    }
-
-    /// The status, given the counts of open and busy connections (HTTP and
-    /// control alike), which include the control connection asking: the
-    /// answer's `connections` line does not count it.
-    pub fn status(&self, open: usize, busy: usize) -> Status {
-        Status {
-            pid: self.pid,
-            generation: self.generation,
-            backend: self.backend,
-            uptime: self.started.elapsed(),
-            open: open.saturating_sub(1),
-            busy: busy.saturating_sub(1),
-            last_upgrade: self.last_upgrade.clone(),
-        }
+fn control_upgraded(done: &crate::Upgraded) -> Upgraded {
+    Upgraded {
+        pid: done.pid,
+        generation: done.generation,
+        ready_ms: done.time_to_ready.as_millis(),
     }
 }
 
@@ -485,30 +448,41 @@ mod tests {
     }
 
     #[test]
-    fn status_board_does_not_count_the_asking_connection() {
-        let mut board = StatusBoard::new(4, "smol");
-        assert_eq!(board.pid(), std::process::id());
-        let status = board.status(3, 1);
-        assert_eq!((status.open, status.busy, status.generation), (2, 0, 4));
-        assert_eq!((status.backend, status.last_upgrade), ("smol", None));
-        assert_eq!(board.status(0, 0).open, 0);
-        let line = board.record_outcome(Ok(Upgraded {
+    fn status_answer_does_not_count_the_asking_connection() {
+        use crate::lifecycle::{Answer, Status as LifecycleStatus};
+        let status = |open, busy, last_upgrade| {
+            answer_text(
+                Answer::Status(LifecycleStatus {
+                    pid: 42,
+                    generation: 4,
+                    uptime: Duration::from_millis(1500),
+                    open,
+                    busy,
+                    last_upgrade,
+                }),
+                "smol",
+            )
+        };
+        let answer = status(3, 1, None);
+        assert!(answer.contains("connections: 2 open, 0 busy"), "{answer}");
+        assert!(answer.contains("backend: smol") && answer.contains("last upgrade: none"));
+        let done = crate::Upgraded {
             pid: 1,
             generation: 5,
-            ready_ms: 3,
-        }));
-        assert_eq!(line, "ok pid=1 generation=5 ready_ms=3");
-        assert_eq!(
-            board.status(1, 1).last_upgrade.as_deref(),
-            Some("ok pid=1 generation=5 ready_ms=3")
+            time_to_ready: Duration::from_millis(3),
+        };
+        let answer = status(1, 1, Some(Ok(done)));
+        assert!(
+            answer.contains("last upgrade: ok pid=1 generation=5 ready_ms=3"),
+            "{answer}"
         );
-        let line = board.record_outcome(Err("timed\nout"));
-        assert_eq!(line, "error timed out");
-        assert_eq!(board.last_upgrade(), Some("error timed out"));
-        assert!(board
-            .status(1, 1)
-            .answer()
-            .ends_with("\nlast upgrade: error timed out\n"));
+        let answer = status(1, 1, Some(Err("timed\nout".to_owned())));
+        assert!(answer.contains("last upgrade: error timed out"), "{answer}");
+        assert_eq!(answer_text(Answer::Stopping, "smol"), STOPPING);
+        assert_eq!(
+            answer_text(Answer::Upgraded(done), "smol"),
+            "ok pid=1 generation=5 ready_ms=3\n"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use baton_mio::{Baton, Config, Connection, DatagramId, Event, Stream};
+use baton_mio::{Baton, Connection, DatagramId, Event, Stream};
 use mio::{Interest, Poll, Registry, Token};
 
 use crate::cli::{self, Options};
@@ -36,27 +36,6 @@ const STEPS_PER_TURN: u32 = 64;
 /// How much one read takes at most.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// The library's configuration, from the demo's flags.
-// The same as `super::server::config`, which is built only with tokio or smol.
-fn config(options: &Options) -> Config {
-    let mut config = Config::default()
-        .upgrade_timeout(options.upgrade_timeout)
-        .drain_timeout(options.drain_timeout)
-        .successor_watch(options.successor_watch)
-        .idle_grace(options.idle_grace)
-        .max_connections(options.max_connections);
-    if let Some(path) = &options.next_binary {
-        config = config.program(path);
-    }
-    if let Some(path) = &options.pid_file {
-        config = config.pid_file(path);
-    }
-    if let Some(path) = &options.control {
-        config = config.control(path);
-    }
-    config
-}
-
 /// Serve until upgraded or stopped, then drain. Errors are logged.
 pub fn run(options: &Options) -> Result<(), Failed> {
     let failed = |e: &dyn std::fmt::Display| {
@@ -67,7 +46,7 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         Poll::new().map_err(|e| failed(&format_args!("cannot create the mio poll: {e}")))?;
     // Errors of `Baton`'s methods are reported to the previous generation.
     let mut baton =
-        Baton::new(config(options), poll.registry(), Token(0)).map_err(|e| failed(&e))?;
+        Baton::new(super::config(options), poll.registry(), Token(0)).map_err(|e| failed(&e))?;
     for (name, addr) in &options.listeners() {
         baton.listen(name, addr).map_err(|e| failed(&e))?;
     }

@@ -12,3 +12,27 @@ pub mod server;
 pub mod smol;
 #[cfg(feature = "tokio")]
 pub mod tokio;
+
+use baton_core::Config;
+
+use crate::cli::Options;
+
+/// The library's configuration, from the demo's flags.
+pub fn config(options: &Options) -> Config {
+    let mut config = Config::default()
+        .upgrade_timeout(options.upgrade_timeout)
+        .drain_timeout(options.drain_timeout)
+        .successor_watch(options.successor_watch)
+        .idle_grace(options.idle_grace)
+        .max_connections(options.max_connections);
+    if let Some(path) = &options.next_binary {
+        config = config.program(path);
+    }
+    if let Some(path) = &options.pid_file {
+        config = config.pid_file(path);
+    }
+    if let Some(path) = &options.control {
+        config = config.control(path);
+    }
+    config
+}

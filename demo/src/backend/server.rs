@@ -9,33 +9,13 @@ use std::sync::Arc;
 
 use baton_core::runtime::{Accept, Runtime};
 use baton_core::server::Server;
-use baton_core::{Config, StopToken};
+use baton_core::StopToken;
 use futures_lite::future;
 
 use super::conn::{self, Io};
 use crate::cli::{self, Options};
 use crate::http::ServerInfo;
 use crate::Failed;
-
-/// The library's configuration, from the demo's flags.
-pub fn config(options: &Options) -> Config {
-    let mut config = Config::default()
-        .upgrade_timeout(options.upgrade_timeout)
-        .drain_timeout(options.drain_timeout)
-        .successor_watch(options.successor_watch)
-        .idle_grace(options.idle_grace)
-        .max_connections(options.max_connections);
-    if let Some(path) = &options.next_binary {
-        config = config.program(path);
-    }
-    if let Some(path) = &options.pid_file {
-        config = config.pid_file(path);
-    }
-    if let Some(path) = &options.control {
-        config = config.control(path);
-    }
-    config
-}
 
 /// The connection timeouts of the demo's flags.
 pub fn timeouts(options: &Options) -> conn::Timeouts {
@@ -59,7 +39,7 @@ where
         log::error!("{e}");
         Failed
     };
-    let mut server = Server::<R, L>::new(runtime, config(options)).map_err(failed)?;
+    let mut server = Server::<R, L>::new(runtime, super::config(options)).map_err(failed)?;
     let info = Arc::new(ServerInfo {
         pid: std::process::id(),
         generation: server.generation(),
