@@ -30,9 +30,9 @@
 //! }
 //! ```
 //!
-//! With the `hyper` feature, [`hyper::serve_connection`] serves a hyper 1.x
+//! With the `hyper` feature, `hyper::serve_connection` serves a hyper 1.x
 //! service on each connection with baton's drain semantics; with `axum`,
-//! [`axum::serve`] does it for an `axum::Router` (see `examples/axum.rs`
+//! `axum::serve` does it for an `axum::Router` (see `examples/axum.rs`
 //! and `examples/hyper.rs`).
 #![forbid(unsafe_code)]
 
