@@ -3,47 +3,66 @@
 //!
 //! A running server starts its new binary, hands it the listening sockets,
 //! waits until the new process says it serves, then stops accepting,
-//! finishes its in-flight requests and exits. This crate holds everything
-//! that does not wait: the wire protocol ([`protocol`], systemd's
-//! `LISTEN_FDS` plus a readiness fd), adopting and binding listeners,
-//! fork/exec of the next generation and its state machine ([`upgrade`]),
-//! stop signalling ([`StopToken`]) and connection tracking ([`Tracker`]).
-//! Everything that waits is an fd or a future that a backend (`baton-tokio`,
-//! `baton-smol`, `baton-mio`) drives in its own reactor.
+//! finishes its in-flight requests and exits. An application uses a
+//! backend crate — `baton-tokio`, `baton-smol` or `baton-mio` — whose first
+//! example is the path to take; this crate is what they share:
+//!
+//! - [`lifecycle`]: everything from "serving" to "exit", written once, as a
+//!   sans-IO state machine (in the manner of quinn-proto): upgrades and
+//!   their refusal, stops (sticky; a second one ends the drain), the drain
+//!   with its deadline, the successor watch and resume, sd_notify and the
+//!   PID file. It waits for nothing: a backend feeds it readable fds,
+//!   requests and the time, and acts on its events.
+//! - [`server`]: the one async driver of the lifecycle, over the small
+//!   [`runtime::Runtime`] trait that baton-tokio and baton-smol implement
+//!   (readiness of an fd, a timer, spawn): accept loops, the control socket,
+//!   resume. baton-mio drives the lifecycle from a `mio::Poll` instead.
+//! - [`control`]: the control socket's protocol (`upgrade`, `status`,
+//!   `stop`) and its client, which `batonctl` is built on.
+//! - the wire protocol ([`protocol`]: systemd's `LISTEN_FDS` plus a
+//!   readiness fd), adopting and binding listeners ([`Generation`]),
+//!   starting the next generation ([`upgrade`], with `vfork` semantics),
+//!   [`StopToken`] and the connection [`Tracker`] (runtime-agnostic: futures
+//!   on any executor, or flags a mio loop reads).
+//!
+//! Two traits are the points where backends plug in: [`ListenerHandoff`]
+//! (a runtime's listener type from an adopted socket) and
+//! [`runtime::Runtime`] (with [`runtime::Accept`] for its listeners).
 //!
 //! The library never changes the process environment, so the variables a
 //! generation inherited (`LISTEN_*`, `BATON_*`, `NOTIFY_SOCKET`) stay in it:
 //! pass every `std::process::Command` the application spawns through
 //! [`clear_inherited_env`] so its subprocesses do not inherit them.
 //!
-//! The three traits a backend implements or uses are [`ListenerHandoff`],
-//! [`StopSignal`] and [`ConnectionState`].
-//!
 //! # Example
 //!
-//! A whole upgrade with a blocking wait, as a backend would drive it:
+//! The lifecycle driven by hand, with poll(2) as the reactor — what a
+//! backend does:
 //!
 //! ```no_run
-//! use std::task::Poll;
-//! use baton_core::{Config, Generation};
+//! use std::time::Instant;
+//! use baton_core::lifecycle::{Event, Lifecycle, Timeouts};
+//! use baton_core::{Config, Generation, ListenSocket};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let generation = Generation::from_env(Config::default())?;
-//! let (listener, _origin) =
-//!     generation.listen::<baton_core::ListenSocket>("http", &"127.0.0.1:8080".parse()?)?;
-//! generation.ready()?; // tell the parent, if any, that we serve
-//! // ... serve `listener` in your runtime; then, on SIGHUP:
-//! let mut pending = generation.start_upgrade()?;
-//! // A backend registers `pending` (it is `AsFd`) in its reactor and calls
-//! // `poll` when it is readable, or `time_out` at `pending.deadline()`.
-//! let upgraded = loop {
-//!     if let Poll::Ready(result) = pending.poll() {
-//!         break result?;
+//! let (_listener, _origin) =
+//!     generation.listen::<ListenSocket>("http", &"127.0.0.1:8080".parse()?)?;
+//! let mut lifecycle = Lifecycle::new(generation, Timeouts::default());
+//! lifecycle.handle_signals()?; // SIGHUP upgrades, SIGTERM/SIGINT stop
+//! lifecycle.ready()?; // the previous generation, if any, drains now
+//! loop {
+//!     while let Some(event) = lifecycle.poll_event() {
+//!         match event {
+//!             Event::Exit(report) => return Ok(println!("drained: {report}")),
+//!             Event::StopAccepting(_) => { /* drop the listeners */ }
+//!             _ => { /* resume accepting, close idle connections, … */ }
+//!         }
 //!     }
-//!     # break return Ok(());
-//! };
-//! generation.upgraded(&upgraded); // stops this generation: drain and exit
-//! # Ok(())
+//!     // Wait until an fd of `lifecycle.watched()` is readable or
+//!     // `lifecycle.poll_timeout()` passes, then:
+//!     lifecycle.handle_readable(Instant::now());
+//! }
 //! # }
 //! ```
 
