@@ -1,0 +1,6 @@
+//! The smol example (`examples/smol.rs`), a library user's code, through
+//! the suite every example goes through: an upgrade storm through
+//! `batonctl`, failed upgrades, resume, refusal, stops and the PID file
+//! (see `testkit::examples` for each scenario).
+
+testkit::example_tests!(smol);
