@@ -3,5 +3,8 @@
 //! upgrade storm through `batonctl`, failed upgrades, resume, refusal,
 //! stops and the PID file (see `testkit::examples` for each scenario).
 //! Needs `--all-features` (or `--features axum`), which builds them.
+//!
+//! `cargo test -p baton-tokio --all-features` builds the examples first; a
+//! `--test examples` filter does not (a stale example is reported).
 
 testkit::example_tests!(axum, hyper);

@@ -38,7 +38,7 @@
 //! exit, bounded in time; nothing sleeps. Only processes the test started
 //! are signalled, by pid.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -123,6 +123,15 @@ impl Deploy {
     /// Run the example as cargo built it.
     fn new(example: &str, label: &str) -> Deploy {
         let built = example_binary(example);
+        if let Some(source) = newer_source(&built) {
+            panic!(
+                "example {example:?} ({}) is older than its source {}: `cargo test --test …` \
+                 does not build examples; run `cargo test -p PACKAGE` without `--test`, or \
+                 `cargo build -p PACKAGE --examples --all-features` first",
+                built.display(),
+                source.display()
+            );
+        }
         Deploy {
             dir: TempDir::new(&format!("{example}-{label}")),
             binary: built.clone(),
@@ -206,6 +215,38 @@ impl Deploy {
             ),
         );
     }
+}
+
+/// A source file of `binary` modified after it was built, from the
+/// dep-info file cargo writes next to it (`NAME.d`: `TARGET: SOURCE …`,
+/// spaces in paths escaped as `\ `); `None` when all are older or there is
+/// no dep-info to read.
+fn newer_source(binary: &Path) -> Option<PathBuf> {
+    let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok()?;
+    let info = std::fs::read_to_string(binary.with_extension("d")).ok()?;
+    let first = info.lines().next()?;
+    // The target's own path ends at the first unescaped ": ".
+    let sources = first.split_once(": ")?.1;
+    let mut paths = Vec::new();
+    let mut current = String::new();
+    let mut chars = sources.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => current.extend(chars.next()),
+            ' ' => paths.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    paths.push(current);
+    paths
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .find(|path| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| modified > built)
+        })
 }
 
 /// `ran` exited with `code` and said `needle` (stdout or stderr).
