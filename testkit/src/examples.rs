@@ -380,10 +380,11 @@ pub fn upgrade_storm_through_batonctl(example: &str) {
             ),
         );
         deploy.expect_pid_file(&server, pid);
-        server.check(
-            load.failed() == 0,
-            format_args!("{} failed requests by upgrade {round}", load.failed()),
-        );
+        if load.failed() > 0 {
+            let report = load.stop();
+            assert_no_failures(&server, &report, &format!("by upgrade {round}"));
+            unreachable!("a failed request fails the test");
+        }
         old_generations.push(old);
     }
     // The load reaches the last generation (per-request connections go
