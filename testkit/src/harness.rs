@@ -354,10 +354,12 @@ impl Server {
                     self.pid = pid;
                     self.generation = line.parts().map_or(self.generation, |p| p.1);
                 }
-            } else if message.starts_with("upgrade failed: ")
-                && !message.contains("already running")
+            } else if (message.starts_with("upgrade failed: ")
+                && !message.contains("already running"))
+                || message.starts_with("upgrade abandoned")
             {
-                // The server kills and reaps the child of a failed upgrade.
+                // The server kills and reaps the child of a failed (or
+                // abandoned) upgrade.
                 if let Some(child) = self.pending.remove(&pid) {
                     self.failed_children.insert(child);
                 }

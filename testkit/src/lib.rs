@@ -12,16 +12,24 @@
 //! - [`tempdir`]: temporary directories and deploy-style binary replacement.
 //! - [`per_backend!`]: one test module per backend compiled into the calling
 //!   crate; [`example_binary`]: an example cargo built for the tests.
+//! - [`steps`]: steps tests share (who answers, how a generation ended,
+//!   load around an event).
+//! - [`batonctl`]: the real `batonctl` binary, found or built, and its runs.
+//! - [`examples`]: the suite every crate's examples go through, one line per
+//!   example with [`example_tests!`].
 //!
 //! Every wait is bounded and synchronises on an event (a line, a response, a
 //! pid), never on a sleep; traffic goes to loopback only.
 
 #![forbid(unsafe_code)]
 
+pub mod batonctl;
+pub mod examples;
 pub mod harness;
 pub mod http;
 pub mod load;
 pub mod proc;
+pub mod steps;
 pub mod tempdir;
 
 use std::path::PathBuf;
