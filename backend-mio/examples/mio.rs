@@ -94,9 +94,10 @@ fn serve(stream: &mut Stream, conn: &mut Connection, buf: &mut Vec<u8>, generati
     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
         buf.drain(..end + 4);
         let (pid, close) = (std::process::id(), conn.is_draining());
-        let body = format!("hello from pid {pid} generation {generation}\n");
+        let body = format!("hello from pid {pid} generation {generation} backend mio\n");
         let response = format!(
-            "HTTP/1.1 200 OK\r\nx-baton-pid: {pid}\r\nx-baton-generation: {generation}\r\nconnection: {}\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nx-baton-pid: {pid}\r\nx-baton-generation: {generation}\r\n\
+             x-baton-backend: mio\r\nconnection: {}\r\ncontent-length: {}\r\n\r\n{body}",
             if close { "close" } else { "keep-alive" },
             body.len()
         );

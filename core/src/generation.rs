@@ -51,17 +51,20 @@ impl SuccessorWatch {
     /// reaped here). Call it when a watched fd is readable.
     pub fn check(&mut self) -> Result<Successor, Error> {
         self.read_report();
-        Ok(
-            match sys::try_wait_pidfd(self.fd.as_fd()).map_err(Error::Watch)? {
-                None => Successor::Running,
-                Some(_) if self.handed_over => Successor::HandedOver,
-                // Exit status 0 is deliberate: it handed over to its own
-                // successor, or was stopped. Serving again would leave this
-                // process serving beside the newest generation.
-                Some(ExitStatus::Exited(0)) => Successor::Exited,
-                Some(status) => Successor::Failed(status),
-            },
-        )
+        let exited = sys::try_wait_pidfd(self.fd.as_fd()).map_err(Error::Watch)?;
+        if exited.is_some() {
+            // What it wrote just before it died is in the pipe by now.
+            self.read_report();
+        }
+        Ok(match exited {
+            None => Successor::Running,
+            Some(_) if self.handed_over => Successor::HandedOver,
+            // Exit status 0 is deliberate: it handed over to its own
+            // successor, or was stopped. Serving again would leave this
+            // process serving beside the newest generation.
+            Some(ExitStatus::Exited(0)) => Successor::Exited,
+            Some(status) => Successor::Failed(status),
+        })
     }
 
     /// Read what the successor reported since "ready", without blocking.

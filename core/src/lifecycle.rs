@@ -454,8 +454,11 @@ impl Lifecycle {
         self.epoch += 1;
         let answer = match result {
             Ok(upgraded) => {
-                log::info!("upgrade done: {upgraded}");
+                // First tell our own parent (if it still watches us) that a
+                // newer generation serves: killed after this, we are no
+                // longer its business. Only then tell the operator.
                 self.generation.upgraded(&upgraded);
+                log::info!("upgrade done: {upgraded}");
                 self.last_upgrade = Some(Ok(upgraded));
                 Answer::Upgraded(upgraded)
             }
