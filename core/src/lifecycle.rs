@@ -323,10 +323,11 @@ impl Lifecycle {
     pub fn handle_readable(&mut self, now: Instant) {
         if let Some(signals) = &mut self.signals {
             let arrived = signals.take();
-            for _ in 0..arrived.upgrade.min(1) {
-                // Several SIGHUPs at once are one request, refused alike.
+            // Several SIGHUPs read at once are one request.
+            if arrived.upgrade > 0 {
                 self.start_upgrade(None);
             }
+            // Two stops read at once are a stop, then "finish now".
             for _ in 0..arrived.stop.min(2) {
                 self.stop("signal received", now);
             }
@@ -346,7 +347,9 @@ impl Lifecycle {
         let drain = self.drain.as_ref().map(|d| {
             let end = d.give_up.unwrap_or(d.deadline);
             let end = d.close_idle_at.map_or(end, |at| at.min(end));
-            if self.generation.tracker().open() == 0 {
+            // The end of the watch matters once the connections are gone
+            // (and only while it is ahead: once passed, it was acted on).
+            if self.generation.tracker().open() == 0 && d.watch_until > Instant::now() {
                 end.min(d.watch_until)
             } else {
                 end
