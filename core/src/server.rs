@@ -224,9 +224,9 @@ impl<R: Runtime, L: Accept> Server<R, L> {
                     }
                     Event::Resume => self.resume(&handler),
                     Event::Exit(report) => return Ok(report),
-                    // Accept loops and connections follow the stop token
-                    // and the tracker, which the lifecycle has already set.
-                    Event::StopAccepting(_) | Event::ForceClose => {}
+                    // Stop, close idle, force: accept loops and connections
+                    // follow the stop token and the tracker, which the
+                    // lifecycle has already set.
                     _ => {}
                 }
             }
