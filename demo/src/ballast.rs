@@ -3,6 +3,12 @@
 //! a server with a large heap (baton-bench compares 0 with 1 GiB). A spawn
 //! that copied the parent's page tables (`fork`) would take longer the
 //! larger this is; baton's vfork-style spawn does not.
+//!
+//! It is filled on a thread of its own while the server starts, as a cache
+//! warms while the server serves: a new generation's own ballast is then not
+//! on its way to "ready", and what an upgrade measures is the cost of
+//! starting it from a large parent. The line `ballast: SIZE allocated and
+//! touched` says when it is all resident.
 
 use std::fmt;
 
@@ -52,6 +58,28 @@ pub fn parse_size(text: &str) -> Result<Size, String> {
             "{text:?} is too large: the ballast is at most {}",
             Size(MAX_BALLAST)
         )),
+    }
+}
+
+/// Fill a ballast of `size` on a thread of its own and keep it for the
+/// life of the process; log when done (or why it could not be allocated:
+/// the server serves on). Nothing for 0.
+pub fn fill_in_background(size: Size) {
+    if size.0 == 0 {
+        return;
+    }
+    let filled = std::thread::Builder::new()
+        .name("baton-ballast".to_owned())
+        .spawn(move || match Ballast::allocate(size) {
+            Ok(ballast) => {
+                // Held until the process exits, like a cache.
+                std::mem::forget(ballast);
+                log::info!("ballast: {size} allocated and touched");
+            }
+            Err(e) => log::error!("{e}"),
+        });
+    if let Err(e) = filled {
+        log::error!("--ballast {size}: cannot start its thread: {e}");
     }
 }
 

@@ -86,7 +86,8 @@ pub struct Options {
     /// Allocate and touch this much memory at start-up and hold it, standing
     /// in for an application's cache (to measure upgrades of a large
     /// server): bytes, or with a binary unit, e.g. `256MiB`, `1GiB`; at most
-    /// 64 GiB. Default 0.
+    /// 64 GiB. Filled on a thread of its own while the server starts;
+    /// `ballast: SIZE allocated and touched` is logged when it is resident.
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::ballast::parse_size)]
     pub ballast: crate::ballast::Size,
     /// Keep a PID file here naming the process that serves: written by each

@@ -45,12 +45,8 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
     // One line per lifecycle event, from baton's libraries and the demo.
     baton_core::logger::init("baton-demo", backend);
     open_files(options.max_connections);
-    // Held until the server has stopped, like an application's cache.
-    let ballast = ballast::Ballast::allocate(options.ballast).map_err(report)?;
-    if !ballast.is_empty() {
-        log::info!("ballast: {} allocated and touched", options.ballast);
-    }
-    let served = match backend {
+    ballast::fill_in_background(options.ballast);
+    match backend {
         #[cfg(feature = "tokio")]
         "tokio" => backend::tokio::run(options),
         #[cfg(feature = "smol")]
@@ -60,9 +56,7 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
         other => Err(events::fatal(format_args!(
             "backend {other:?} is not compiled in"
         ))),
-    };
-    drop(ballast);
-    served
+    }
 }
 
 /// File descriptors a generation needs besides its connections: listeners,

@@ -71,7 +71,7 @@ enum Read {
 /// Thousands of connections wait here between requests, so what this
 /// future holds while it waits is what an idle connection costs: the
 /// stream, the connection's handle, two `Arc`s, the timeouts, an empty
-/// parser and the small wait of [`wait_for_bytes`]. Everything a request
+/// parser and the small wait of `wait_for_bytes`. Everything a request
 /// needs (the request itself, the response and its bytes, the write, the
 /// close) lives in futures boxed where they start, allocated when a request
 /// is complete and freed once it is answered: the size of a future is that
