@@ -40,6 +40,13 @@
 //! `getrusage(RUSAGE_SELF)` deltas the client's (the load threads run here):
 //! a reader sees when the client is the bottleneck.
 //!
+//! Two more scenarios measure scale (issue 14), each on fresh servers, and
+//! get tables of their own: **idle** (RSS per idle keep-alive connection,
+//! and upgrade time with `--idle-connections` of them open vs none) and
+//! **ballast** (upgrade time of a server with `--ballast 0` vs `--ballast
+//! 1GiB`); see [`scale`]'s docs. For them the bench raises its own
+//! open-file limit to the hard limit.
+//!
 //! Output: a Markdown table on stdout, an SVG timeline per run in `--out`
 //! (requests and failures per 100 ms, a mark at each upgrade or restart),
 //! progress on stderr. Every loop is bounded in time and count, traffic goes
@@ -65,6 +72,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use testkit::load::{Load, LoadConfig, Report};
+
+pub mod scale;
 
 /// Every backend baton-demo can be built with, in table order.
 pub const BACKENDS: &[&str] = &["tokio", "smol", "mio"];
@@ -107,9 +116,22 @@ pub struct Options {
         value_name = "NAME",
         value_enum,
         value_delimiter = ',',
-        default_values_t = [Scenario::Steady, Scenario::Upgrades, Scenario::Restart]
+        default_values_t = [
+            Scenario::Steady, Scenario::Upgrades, Scenario::Restart, Scenario::Idle, Scenario::Ballast,
+        ]
     )]
     pub scenarios: Vec<Scenario>,
+    /// Idle keep-alive connections of the `idle` scenario.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub idle_connections: usize,
+    /// The large heap of the `ballast` scenario, as the demo's `--ballast`
+    /// takes it (compared with `--ballast 0`).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    pub ballast: String,
+    /// Upgrades per measurement of the `idle` and `ballast` scenarios
+    /// (the tables give their median and slowest).
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    pub upgrades: usize,
     /// Keep-alive connections, each driven by its own load thread.
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub connections: usize,
@@ -134,6 +156,10 @@ pub enum Scenario {
     Upgrades,
     /// SIGTERM, wait for exit, start fresh: the baseline without handoff.
     Restart,
+    /// RSS per idle keep-alive connection; upgrade time with them vs none.
+    Idle,
+    /// Upgrade time with `--ballast 0` vs `--ballast SIZE`.
+    Ballast,
 }
 
 impl Scenario {
@@ -143,7 +169,17 @@ impl Scenario {
             Scenario::Steady => "steady",
             Scenario::Upgrades => "upgrades",
             Scenario::Restart => "restart",
+            Scenario::Idle => "idle",
+            Scenario::Ballast => "ballast",
         }
+    }
+
+    /// Whether it runs under the load client and goes in the main table.
+    fn under_load(self) -> bool {
+        matches!(
+            self,
+            Scenario::Steady | Scenario::Upgrades | Scenario::Restart
+        )
     }
 }
 
@@ -153,6 +189,8 @@ impl fmt::Display for Scenario {
             Scenario::Steady => "steady",
             Scenario::Upgrades => "upgrades",
             Scenario::Restart => "restart without handoff",
+            Scenario::Idle => "idle connections",
+            Scenario::Ballast => "ballast",
         })
     }
 }
@@ -199,10 +237,20 @@ pub fn run(options: &Options) -> Result<bool, BenchError> {
             available.join(", ")
         )));
     }
-    if options.connections == 0 || options.duration.is_zero() || options.upgrade_every.is_zero() {
+    if options.connections == 0
+        || options.duration.is_zero()
+        || options.upgrade_every.is_zero()
+        || options.idle_connections == 0
+        || options.upgrades == 0
+    {
         return Err(BenchError(
-            "--connections, --duration and --upgrade-every must be above zero".to_owned(),
+            "--connections, --duration, --upgrade-every, --idle-connections and --upgrades \
+             must be above zero"
+                .to_owned(),
         ));
+    }
+    if options.scenarios.contains(&Scenario::Idle) {
+        scale::raise_fd_limit(options.idle_connections).map_err(BenchError)?;
     }
     std::fs::create_dir_all(&options.out)
         .map_err(|e| BenchError(format!("cannot create {}: {e}", options.out.display())))?;
@@ -212,9 +260,29 @@ pub fn run(options: &Options) -> Result<bool, BenchError> {
         .map_err(|e| BenchError(format!("prctl(PR_SET_CHILD_SUBREAPER): {e}")))?;
 
     let mut runs = Vec::new();
+    let mut idle_rows = Vec::new();
+    let mut ballast_rows = Vec::new();
     let mut errors = Vec::new();
     for backend in &backends {
         for &scenario in &options.scenarios {
+            if !scenario.under_load() {
+                eprintln!(
+                    "bench: {backend} {scenario}: {} upgrades each",
+                    options.upgrades
+                );
+                let result = match scenario {
+                    Scenario::Idle => {
+                        scale::run_idle(options, &server, backend).map(|row| idle_rows.push(row))
+                    }
+                    _ => scale::run_ballast(options, &server, backend)
+                        .map(|row| ballast_rows.push(row)),
+                };
+                if let Err(e) = result {
+                    eprintln!("bench: {backend} {scenario}: error: {e}");
+                    errors.push(format!("{backend} {scenario}: {e}"));
+                }
+                continue;
+            }
             eprintln!(
                 "bench: {backend} {scenario}: {} connections for {:?}",
                 options.connections, options.duration
@@ -233,7 +301,15 @@ pub fn run(options: &Options) -> Result<bool, BenchError> {
     }
 
     let mut out = String::new();
-    table(&runs, &mut out);
+    if options.scenarios.iter().any(|s| s.under_load()) {
+        table(&runs, &mut out);
+    }
+    if !idle_rows.is_empty() {
+        scale::idle_table(&idle_rows, options.upgrades, &mut out);
+    }
+    if !ballast_rows.is_empty() {
+        scale::ballast_table(&ballast_rows, &options.ballast, options.upgrades, &mut out);
+    }
     notes(options, &runs, &errors, &mut out);
     print!("{out}");
     let _ = std::io::stdout().flush();
@@ -673,6 +749,12 @@ struct Session<'a> {
     addr: Option<SocketAddr>,
     /// How the running upgrade ended, from the current pid's log lines.
     outcome: Option<Result<(u32, u64), String>>,
+    /// When `outcome` was set: the `upgrade done` (or failed) line arrived.
+    outcome_at: Option<Instant>,
+    /// Arguments added to every server started (the scale scenarios').
+    extra_args: Vec<String>,
+    /// Pids that logged `ballast: … allocated and touched`.
+    ballast_filled: BTreeSet<u32>,
 }
 
 impl<'a> Session<'a> {
@@ -690,6 +772,9 @@ impl<'a> Session<'a> {
             generation: 0,
             addr: None,
             outcome: None,
+            outcome_at: None,
+            extra_args: Vec::new(),
+            ballast_filled: BTreeSet::new(),
         }
     }
 
@@ -774,6 +859,7 @@ impl<'a> Session<'a> {
     fn start(&mut self, listen: &str) -> Result<SocketAddr, String> {
         let mut child = Command::new(self.server)
             .args(["--listen", listen, "--backend", self.backend])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -955,6 +1041,9 @@ impl<'a> Session<'a> {
         let Event::Log { pid, message, .. } = event else {
             return;
         };
+        if message.starts_with("ballast: ") {
+            self.ballast_filled.insert(*pid);
+        }
         if *pid != self.current {
             return;
         }
@@ -966,9 +1055,11 @@ impl<'a> Session<'a> {
                 (Some(p), Some(g)) => Ok((p, g)),
                 _ => Err(format!("cannot parse {message:?}")),
             });
+            self.outcome_at = Some(Instant::now());
         } else if message.starts_with("upgrade failed") || message.starts_with("upgrade abandoned")
         {
             self.outcome = Some(Err(message.clone()));
+            self.outcome_at = Some(Instant::now());
         }
     }
 
@@ -1121,14 +1212,16 @@ fn table(runs: &[Run], out: &mut String) {
 /// Below the table: what the columns mean, what went wrong in baton's runs
 /// (which must not happen), runs that failed, and where the timelines are.
 fn notes(options: &Options, runs: &[Run], errors: &[String], out: &mut String) {
-    let _ = writeln!(
-        out,
-        "\n{} keep-alive connections, {:?} per run, an upgrade or restart every {:?}. \
-         Restart time: SIGHUP (upgrades) or SIGTERM (restart without handoff) until a \
-         fresh connection is answered by the new process. Server CPU: every generation; \
-         client CPU: the bench process, whose threads are the load client.",
-        options.connections, options.duration, options.upgrade_every
-    );
+    if !runs.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} keep-alive connections, {:?} per run, an upgrade or restart every {:?}. \
+             Restart time: SIGHUP (upgrades) or SIGTERM (restart without handoff) until a \
+             fresh connection is answered by the new process. Server CPU: every generation; \
+             client CPU: the bench process, whose threads are the load client.",
+            options.connections, options.duration, options.upgrade_every
+        );
+    }
     let mut problems = Vec::new();
     for run in runs.iter().filter(|r| r.scenario != Scenario::Restart) {
         for sample in &run.report.failure_samples {

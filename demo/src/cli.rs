@@ -83,6 +83,13 @@ pub struct Options {
     /// exceeded by at most one connection per extra listener.
     #[arg(long, value_name = "N", default_value = "10000", value_parser = parse_max_connections)]
     pub max_connections: usize,
+    /// Allocate and touch this much memory at start-up and hold it, standing
+    /// in for an application's cache (to measure upgrades of a large
+    /// server): bytes, or with a binary unit, e.g. `256MiB`, `1GiB`; at most
+    /// 64 GiB. Filled on a thread of its own while the server starts;
+    /// `ballast: SIZE allocated and touched` is logged when it is resident.
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::ballast::parse_size)]
+    pub ballast: crate::ballast::Size,
     /// Keep a PID file here naming the process that serves: written by each
     /// generation once ready, removed at a graceful stop.
     #[arg(long, value_name = "PATH")]
@@ -302,6 +309,18 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let err = args(&path).backend().unwrap_err();
         assert!(err.starts_with("cannot read --backend-file"), "{err}");
+    }
+
+    #[test]
+    fn ballast_flag() {
+        use crate::ballast::Size;
+        assert_eq!(Options::parse_from(["baton-demo"]).ballast, Size(0));
+        let options = Options::parse_from(["baton-demo", "--ballast", "1GiB"]);
+        assert_eq!(options.ballast, Size(1 << 30));
+        for bad in ["1TiB", "lots", "1.5GiB", "100GiB"] {
+            let err = Options::try_parse_from(["baton-demo", "--ballast", bad]).unwrap_err();
+            assert!(err.to_string().contains("--ballast"), "{bad}: {err}");
+        }
     }
 
     #[test]

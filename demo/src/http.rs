@@ -44,12 +44,19 @@ pub struct Request {
 }
 
 /// Connection-level parser state: bytes in, requests out. Handles pipelining (several requests in one read).
+///
+/// Between requests it holds no memory: the buffer is released as soon as
+/// it holds no byte of a next request, and the head of a request whose body
+/// is still arriving is boxed, so an idle reader is a few words inside the
+/// connection's state (thousands of idle keep-alive connections each hold
+/// one).
 #[derive(Debug, Default)]
 pub struct RequestReader {
-    /// Bytes received and not yet consumed by a returned request.
+    /// Bytes received and not yet consumed by a returned request; no
+    /// allocation when empty.
     buf: Vec<u8>,
     /// Head of the request whose body is still arriving, so the head is parsed once.
-    pending: Option<Pending>,
+    pending: Option<Box<Pending>>,
     /// Once a request is bad the byte stream cannot be resynchronised, so the
     /// error sticks and every later call returns it.
     error: Option<u16>,
@@ -123,7 +130,7 @@ impl RequestReader {
     fn advance(&mut self) -> Result<Option<Request>, u16> {
         if self.pending.is_none() {
             match parse_head(&self.buf)? {
-                Some(pending) => self.pending = Some(pending),
+                Some(pending) => self.pending = Some(Box::new(pending)),
                 None => return Ok(None),
             }
         }
@@ -148,6 +155,11 @@ impl RequestReader {
         };
         // Consume exactly this request's bytes: what follows is the next pipelined request.
         self.buf.drain(..end.min(self.buf.len()));
+        if self.buf.is_empty() {
+            // Nothing of a next request: give the memory back, so an idle
+            // connection holds no buffer.
+            self.buf = Vec::new();
+        }
         Ok(Some(Request {
             method: pending.method,
             path: pending.path,
@@ -901,6 +913,30 @@ mod tests {
         reader.push(b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\n\r\na");
         assert_eq!(reader.next_request(), Ok(None));
         assert!(!reader.is_idle());
+    }
+
+    #[test]
+    fn idle_reader_holds_no_memory() {
+        let mut reader = RequestReader::new();
+        reader.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /health HT");
+        assert!(matches!(reader.next_request(), Ok(Some(_))));
+        // A partial request is kept...
+        assert!(!reader.is_idle());
+        assert!(reader.buf.capacity() > 0);
+        reader.push(b"TP/1.1\r\n\r\n");
+        assert!(matches!(reader.next_request(), Ok(Some(_))));
+        // ...and once nothing of a next request is left, nothing is held.
+        assert!(reader.is_idle());
+        assert_eq!(reader.buf.capacity(), 0);
+        assert!(reader.pending.is_none());
+        // The same after a body that arrived in pieces.
+        reader.push(b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\n\r\na");
+        assert_eq!(reader.next_request(), Ok(None));
+        assert!(reader.pending.is_some());
+        reader.push(b"bc");
+        assert!(matches!(reader.next_request(), Ok(Some(r)) if r.body == b"abc"));
+        assert_eq!(reader.buf.capacity(), 0);
+        assert!(reader.pending.is_none());
     }
 
     /// Push `pieces` one by one, collecting requests until an error.

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod ballast;
 pub mod cli;
 pub mod config;
 pub mod control_client;
@@ -39,6 +40,8 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
     let backend = options.backend().map_err(report)?;
     // One line per lifecycle event, from baton's libraries and the demo.
     baton_core::logger::init("baton-demo", backend);
+    open_files(options.max_connections);
+    ballast::fill_in_background(options.ballast);
     match backend {
         #[cfg(feature = "tokio")]
         "tokio" => backend::tokio::run(options),
@@ -56,4 +59,40 @@ fn fatal(message: impl std::fmt::Display) -> Failed {
     let line = format!("baton-demo: error: {message}\n");
     let _ = std::io::stderr().write_all(line.as_bytes());
     Failed
+}
+
+/// File descriptors a generation needs besides its connections: listeners,
+/// the control socket, the readiness pipe and the fds of an upgrade.
+pub const RESERVED_FDS: u64 = 64;
+
+/// Raise the soft open-file limit to the hard one (every connection is an
+/// fd; systemd's default soft limit is 1024), log it, and warn when
+/// `max_connections` cannot be reached under it.
+fn open_files(max_connections: usize) {
+    let limit = match baton_core::raise_fd_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            log::warn!("open files: cannot raise the soft limit: {e}");
+            return;
+        }
+    };
+    if limit.now > limit.before {
+        log::info!(
+            "open files: soft limit raised from {} to {}",
+            limit.before,
+            limit.now
+        );
+    } else {
+        log::debug!("open files: soft limit {} (the hard limit)", limit.now);
+    }
+    let room = limit.now.saturating_sub(RESERVED_FDS);
+    if u64::try_from(max_connections).unwrap_or(u64::MAX) > room {
+        log::warn!(
+            "--max-connections {max_connections} is above what the open-file limit allows: \
+             {} files, {RESERVED_FDS} of them kept for listeners and upgrades, leave room for \
+             {room} connections; raise the hard limit (ulimit -Hn, LimitNOFILE= in a systemd unit) \
+             or lower --max-connections",
+            limit.now
+        );
+    }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_core::runtime::Runtime;
-use baton_core::Connection;
+use baton_core::{Connection, Tracker};
 use futures_lite::future;
 
 use crate::http::{self, Action, RequestReader, ServerInfo};
@@ -65,141 +65,203 @@ enum Read {
 
 /// Serve one connection until the client closes it, it times out, the
 /// drain closes it or the drain deadline forces it.
-pub async fn serve<R: Runtime, S: Io>(
+///
+/// # Memory
+///
+/// Thousands of connections wait here between requests, so what this
+/// future holds while it waits is what an idle connection costs: the
+/// stream, the connection's handle, two `Arc`s, the timeouts, an empty
+/// parser and the small wait of `wait_for_bytes`. Everything a request
+/// needs (the request itself, the response and its bytes, the write, the
+/// close) lives in futures boxed where they start, allocated when a request
+/// is complete and freed once it is answered: the size of a future is that
+/// of its largest await point, and this one is allocated per connection.
+/// For the same reason this is a plain `fn` returning an `async move`
+/// block: an `async fn` keeps a second copy of its arguments.
+#[allow(clippy::manual_async_fn)] // On purpose, see above.
+pub fn serve<R: Runtime, S: Io>(
     runtime: Arc<R>,
     mut stream: S,
     mut conn: Connection,
     info: Arc<ServerInfo>,
     timeouts: Timeouts,
-) {
-    let tracker = conn.tracker().clone();
-    let stop = tracker.stop_token().clone();
-    let mut reader = RequestReader::new();
-    // When the first byte of the request being read arrived: the header
-    // timeout bounds the whole request, so trickling bytes cannot extend it.
-    let mut request_started: Option<Instant> = None;
-    loop {
-        let request = match reader.next_request() {
-            Ok(Some(request)) => {
-                request_started = None;
-                request
-            }
-            Ok(None) => {
-                let idle = reader.is_idle();
-                if idle {
-                    conn.set_idle();
-                } else {
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut reader = RequestReader::new();
+        // When the first byte of the request being read arrived: the header
+        // timeout bounds the whole request, so trickling bytes cannot extend it.
+        let mut request_started: Option<Instant> = None;
+        loop {
+            // Answer what is complete; no await below holds the parser's
+            // result, so the wait for more bytes stays small.
+            match reader.next_request() {
+                Ok(Some(request)) => {
+                    request_started = None;
                     conn.set_busy();
-                }
-                let wait = match (idle, conn.is_draining()) {
-                    (true, true) => timeouts.idle_grace,
-                    (true, false) => timeouts.idle_timeout,
-                    (false, _) => timeouts
-                        .header_timeout
-                        .saturating_sub(request_started.get_or_insert_with(Instant::now).elapsed()),
-                };
-                let deadline = Instant::now() + wait;
-                let waiting_idle = idle && !conn.is_draining();
-                let read = future::or(
-                    async {
-                        match stream.readable().await {
-                            Ok(()) => Read::Bytes,
-                            Err(_) => Read::Closed,
-                        }
-                    },
-                    future::or(
-                        async {
-                            runtime.sleep_until(deadline).await;
-                            Read::TimedOut
-                        },
-                        future::or(
-                            async {
-                                // Stop while idle: wait only the grace from now on.
-                                if waiting_idle {
-                                    stop.stopped().await;
-                                    Read::Stopped
-                                } else {
-                                    future::pending().await
-                                }
-                            },
-                            async {
-                                tracker.forced().await;
-                                Read::Forced
-                            },
-                        ),
-                    ),
-                )
-                .await;
-                match read {
-                    Read::Bytes => match read_into(&mut stream, &mut reader) {
-                        Ok(0) => return,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return,
-                    },
-                    Read::Stopped => {}
-                    Read::Closed | Read::Forced => return,
-                    Read::TimedOut if idle => return close(&*runtime, stream, &timeouts).await,
-                    Read::TimedOut => {
-                        respond_error(&*runtime, &mut stream, 408, &info, &timeouts).await;
-                        return close(&*runtime, stream, &timeouts).await;
+                    let answered = Box::pin(answer(
+                        &*runtime,
+                        &mut stream,
+                        &conn,
+                        request,
+                        &info,
+                        &timeouts,
+                    ))
+                    .await;
+                    let Some(closing) = answered else {
+                        return;
+                    };
+                    conn.set_idle();
+                    if closing {
+                        return Box::pin(close(&*runtime, stream, &timeouts)).await;
                     }
+                    continue;
                 }
-                continue;
+                Ok(None) => {}
+                Err(status) => {
+                    conn.set_busy();
+                    Box::pin(respond_error(
+                        &*runtime,
+                        &mut stream,
+                        status,
+                        &info,
+                        &timeouts,
+                    ))
+                    .await;
+                    conn.set_idle();
+                    return Box::pin(close(&*runtime, stream, &timeouts)).await;
+                }
             }
-            Err(status) => {
-                conn.set_busy();
-                respond_error(&*runtime, &mut stream, status, &info, &timeouts).await;
+            let idle = reader.is_idle();
+            if idle {
                 conn.set_idle();
-                return close(&*runtime, stream, &timeouts).await;
+            } else {
+                conn.set_busy();
             }
-        };
-        conn.set_busy();
-        let response = match http::handle(&request, &info) {
-            Action::Respond(response) => response,
-            Action::Sleep { delay, then } => {
-                let slept = future::or(
-                    async {
-                        runtime.sleep_until(Instant::now() + delay).await;
-                        true
-                    },
-                    async {
-                        tracker.forced().await;
-                        false
-                    },
-                )
-                .await;
-                if !slept {
-                    return;
+            let wait = match (idle, conn.is_draining()) {
+                (true, true) => timeouts.idle_grace,
+                (true, false) => timeouts.idle_timeout,
+                (false, _) => timeouts
+                    .header_timeout
+                    .saturating_sub(request_started.get_or_insert_with(Instant::now).elapsed()),
+            };
+            let deadline = Instant::now() + wait;
+            let waiting_idle = idle && !conn.is_draining();
+            match wait_for_bytes(&*runtime, &stream, conn.tracker(), deadline, waiting_idle).await {
+                Read::Bytes => match read_into(&mut stream, &mut reader) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                },
+                Read::Stopped => {}
+                Read::Closed | Read::Forced => return,
+                Read::TimedOut if idle => {
+                    return Box::pin(close(&*runtime, stream, &timeouts)).await
                 }
-                then
+                Read::TimedOut => {
+                    Box::pin(respond_error(&*runtime, &mut stream, 408, &info, &timeouts)).await;
+                    return Box::pin(close(&*runtime, stream, &timeouts)).await;
+                }
             }
-        };
-        // Decided after the work: a stop during a /sleep still gets a close.
-        let closing = !request.keep_alive || conn.is_draining();
-        let mut out = Vec::new();
-        http::encode(&response, &info, closing, &mut out);
-        drop(response);
-        let written = future::or(
-            async {
-                let deadline = Instant::now() + timeouts.write_timeout;
-                bounded(&*runtime, deadline, stream.write_all(&out)).await
-            },
-            async {
-                tracker.forced().await;
-                None
-            },
-        )
-        .await;
-        if !matches!(written, Some(Ok(()))) {
-            return;
-        }
-        drop(out);
-        conn.set_idle();
-        if closing {
-            return close(&*runtime, stream, &timeouts).await;
         }
     }
+}
+
+/// Wait until the stream may be readable, the deadline passes, the server
+/// stops while `waiting_idle` (an idle connection then waits only the grace
+/// from now on) or, otherwise, the drain deadline forces every connection
+/// closed.
+///
+/// Kept apart and small: this is what an idle connection waits in.
+fn wait_for_bytes<'a, R: Runtime + ?Sized, S: Io>(
+    runtime: &'a R,
+    stream: &'a S,
+    tracker: &'a Tracker,
+    deadline: Instant,
+    waiting_idle: bool,
+) -> impl Future<Output = Read> + Send + 'a {
+    // `or` polls its first future first: bytes that are there win over a
+    // deadline that passed meanwhile. A plain `fn`: no state of its own
+    // around the `Or` (an `async fn` would also keep its arguments twice).
+    future::or(
+        async move {
+            match stream.readable().await {
+                Ok(()) => Read::Bytes,
+                Err(_) => Read::Closed,
+            }
+        },
+        future::or(
+            async move {
+                runtime.sleep_until(deadline).await;
+                Read::TimedOut
+            },
+            async move {
+                // One listener, not two: an idle connection waits for the
+                // stop only (the drain forces connections closed only after
+                // a stop; once stopped, it waits its grace with
+                // `waiting_idle` false); any other waits for the force.
+                if waiting_idle && !tracker.is_forced() {
+                    tracker.stop_token().stopped().await;
+                    Read::Stopped
+                } else {
+                    tracker.forced().await;
+                    Read::Forced
+                }
+            },
+        ),
+    )
+}
+
+/// Answer `request`: route it, wait if it is a `/sleep`, write the
+/// response. `Some(closing)` once written (closing: the connection ends
+/// after it), `None` if the write failed or the drain forced the close.
+async fn answer<R: Runtime + ?Sized, S: Io>(
+    runtime: &R,
+    stream: &mut S,
+    conn: &Connection,
+    request: http::Request,
+    info: &ServerInfo,
+    timeouts: &Timeouts,
+) -> Option<bool> {
+    let tracker = conn.tracker();
+    let response = match http::handle(&request, info) {
+        Action::Respond(response) => response,
+        Action::Sleep { delay, then } => {
+            let slept = future::or(
+                async {
+                    runtime.sleep_until(Instant::now() + delay).await;
+                    true
+                },
+                async {
+                    tracker.forced().await;
+                    false
+                },
+            )
+            .await;
+            if !slept {
+                return None;
+            }
+            then
+        }
+    };
+    // Decided after the work: a stop during a /sleep still gets a close.
+    let closing = !request.keep_alive || conn.is_draining();
+    drop(request);
+    let mut out = Vec::new();
+    http::encode(&response, info, closing, &mut out);
+    drop(response);
+    let written = future::or(
+        async {
+            let deadline = Instant::now() + timeouts.write_timeout;
+            bounded(runtime, deadline, stream.write_all(&out)).await
+        },
+        async {
+            tracker.forced().await;
+            None
+        },
+    )
+    .await;
+    matches!(written, Some(Ok(()))).then_some(closing)
 }
 
 /// Read what is there into the parser, through the thread's scratch buffer.
@@ -210,6 +272,11 @@ fn read_into<S: Io>(stream: &mut S, reader: &mut RequestReader) -> io::Result<us
         reader.push(&scratch[..n]);
         Ok(n)
     })
+}
+
+/// Read and drop what is there, through the thread's scratch buffer.
+fn discard<S: Io>(stream: &mut S) -> io::Result<usize> {
+    SCRATCH.with(|scratch| stream.try_read(&mut scratch.borrow_mut()))
 }
 
 /// `work`, unless `deadline` passes first (`None`).
@@ -248,14 +315,14 @@ async fn close<R: Runtime + ?Sized, S: Io>(runtime: &R, mut stream: S, timeouts:
         return;
     }
     let deadline = Instant::now() + timeouts.idle_grace.max(Duration::from_millis(100));
-    let mut sink = [0u8; 512];
     let _ = bounded(runtime, deadline, async {
-        // Bounded by the deadline around it.
+        // Bounded by the deadline around it. What arrives is discarded
+        // through the thread's scratch buffer: no buffer of its own.
         loop {
             if stream.readable().await.is_err() {
                 return;
             }
-            match stream.try_read(&mut sink) {
+            match discard(&mut stream) {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
