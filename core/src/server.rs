@@ -56,6 +56,7 @@ pub struct Server<R: Runtime, L: Accept> {
     listeners: Vec<L>,
     datagrams: Vec<(std::net::UdpSocket, DatagramTask)>,
     control: Option<UnixListener>,
+    on_ready: Option<Box<dyn FnOnce() + Send + Sync>>,
     messages: (
         async_channel::Sender<Message>,
         async_channel::Receiver<Message>,
@@ -88,6 +89,7 @@ impl<R: Runtime, L: Accept> Server<R, L> {
             listeners: Vec::new(),
             datagrams: Vec::new(),
             control: None,
+            on_ready: None,
             messages: async_channel::unbounded(),
         };
         if server.config.handle_signals {
@@ -142,6 +144,13 @@ impl<R: Runtime, L: Accept> Server<R, L> {
             }
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// Run `hook` once this generation has reported ready, before it
+    /// accepts: work that must not delay the handover (warming a cache)
+    /// starts there, not before.
+    pub fn on_ready(&mut self, hook: impl FnOnce() + Send + Sync + 'static) {
+        self.on_ready = Some(Box::new(hook));
     }
 
     /// A handle to ask this server for an upgrade or a stop from the
@@ -209,6 +218,9 @@ impl<R: Runtime, L: Accept> Server<R, L> {
                 return Err(self.fail(e));
             }
             log::warn!("{e}; serving anyway");
+        }
+        if let Some(hook) = self.on_ready.take() {
+            hook();
         }
         let handler = Arc::new(handler);
         self.start_serving(&handler);

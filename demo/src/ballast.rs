@@ -4,10 +4,10 @@
 //! that copied the parent's page tables (`fork`) would take longer the
 //! larger this is; baton's vfork-style spawn does not.
 //!
-//! It is filled on a thread of its own while the server starts, as a cache
-//! warms while the server serves: a new generation's own ballast is then not
-//! on its way to "ready", and what an upgrade measures is the cost of
-//! starting it from a large parent. The line `ballast: SIZE allocated and
+//! It is filled on a thread of its own once the generation has reported
+//! ready, as a cache warms while the server serves: a new generation's own
+//! ballast is then not on its way to "ready", and what an upgrade measures
+//! is the cost of starting it from a large parent. The line `ballast: SIZE allocated and
 //! touched` says when it is all resident.
 
 use std::fmt;

@@ -41,7 +41,6 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
     // One line per lifecycle event, from baton's libraries and the demo.
     baton_core::logger::init("baton-demo", backend);
     open_files(options.max_connections);
-    ballast::fill_in_background(options.ballast);
     match backend {
         #[cfg(feature = "tokio")]
         "tokio" => backend::tokio::run(options),

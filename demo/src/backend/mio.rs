@@ -69,6 +69,8 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         }
     };
     baton.ready().map_err(|e| failed(&e))?;
+    // After "ready": a new generation's own cache must not delay the handover.
+    crate::ballast::fill_in_background(options.ballast);
     let info = ServerInfo {
         pid: std::process::id(),
         generation: baton.generation(),

@@ -56,6 +56,9 @@ where
             })
             .map_err(failed)?;
     }
+    // After "ready": a new generation's own cache must not delay the handover.
+    let ballast = options.ballast;
+    server.on_ready(move || crate::ballast::fill_in_background(ballast));
     let timeouts = timeouts(options);
     server
         .serve(move |stream, conn| {
