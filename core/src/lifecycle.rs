@@ -344,18 +344,24 @@ impl Lifecycle {
             let deadline = u.pending.deadline();
             u.pending.retry_at().map_or(deadline, |at| at.min(deadline))
         });
+        let now = Instant::now();
         let drain = self.drain.as_ref().map(|d| {
-            let end = d.give_up.unwrap_or(d.deadline);
-            let end = d.close_idle_at.map_or(end, |at| at.min(end));
-            // The end of the watch matters once the connections are gone
-            // (and only while it is ahead: once passed, it was acted on).
-            if self.generation.tracker().open() == 0 && d.watch_until > Instant::now() {
-                end.min(d.watch_until)
-            } else {
-                end
+            let mut next = d.give_up.unwrap_or(d.deadline);
+            if let Some(at) = d.close_idle_at {
+                next = next.min(at);
             }
+            if self.generation.tracker().open() == 0 {
+                // The connections are gone: the drain ends with the watch,
+                // or now (once a killed child is reaped: its own timer).
+                if d.watch_until > now {
+                    next = next.min(d.watch_until);
+                } else if self.unreaped == 0 {
+                    next = now;
+                }
+            }
+            next
         });
-        let reap = (self.unreaped > 0).then(|| Instant::now() + REAP_RETRY);
+        let reap = (self.unreaped > 0).then(|| now + REAP_RETRY);
         [upgrade, drain, reap].into_iter().flatten().min()
     }
 

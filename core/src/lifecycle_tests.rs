@@ -335,3 +335,24 @@ fn the_watched_fds_change_with_the_epoch() {
     let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
     kill(upgraded_pid(&events, ReplyTo(1)));
 }
+
+/// A reactor that only sleeps until `poll_timeout` (mio) must wake as soon
+/// as the last connection of a drain closes, not at the drain deadline.
+#[test]
+fn once_the_last_connection_closes_the_drain_end_is_due_at_once() {
+    let path = script("unused3.sh", "exit 0");
+    let mut timeouts = quick();
+    timeouts.drain = Duration::from_secs(3600);
+    timeouts.idle_grace = Duration::from_secs(3600);
+    let mut lifecycle = lifecycle(&path, timeouts);
+    let conn = lifecycle.generation().tracker().track();
+    lifecycle.request(Request::Stop, None, Instant::now());
+    while lifecycle.poll_event().is_some() {}
+    let before = lifecycle.poll_timeout().expect("a drain deadline");
+    assert!(before > Instant::now() + Duration::from_secs(60));
+    drop(conn);
+    let due = lifecycle.poll_timeout().expect("the end of the drain");
+    assert!(due <= Instant::now(), "due in {:?}", due - Instant::now());
+    lifecycle.handle_timeout(Instant::now());
+    assert!(matches!(lifecycle.poll_event(), Some(Event::Exit(_))));
+}
