@@ -289,8 +289,9 @@ impl Frame {
                 let rest = r.rest();
                 // Cut like the encoder does, so a long one stays readable.
                 let reason = String::from_utf8_lossy(rest.get(..MAX_REASON).unwrap_or(rest));
+                // Replacement characters can make it longer than it was.
                 return Ok(Frame::Abort {
-                    reason: reason.into_owned(),
+                    reason: truncate(&reason, MAX_REASON).to_owned(),
                 });
             }
             other => return Err(FrameError::UnknownKind(other)),
@@ -479,6 +480,14 @@ mod tests {
             Frame::decode(&hello),
             Err(FrameError::Versions { min: 5, max: 4 })
         );
+    }
+
+    #[test]
+    fn an_abort_of_invalid_utf8_decodes_to_what_it_re_encodes_to() {
+        let mut bytes = vec![ABORT];
+        bytes.extend_from_slice(&[0xff; MAX_REASON + 10]);
+        let frame = Frame::decode(&bytes).unwrap();
+        assert_eq!(Frame::decode(&frame.to_bytes()), Ok(frame));
     }
 
     #[test]
