@@ -126,7 +126,8 @@ impl Receiver {
     pub fn poll(&mut self) -> Result<Option<ReceiverEvent>, HandoverError> {
         if self.state.finished() {
             let _ = self.end.flush();
-            while let Ok(Some(_)) = self.end.recv() {}
+            // Bounded: end of file is read again and again, so stop there.
+            while let Ok(Some(Incoming::Frame(..))) = self.end.recv() {}
             return Ok(None);
         }
         self.try_flush();

@@ -145,7 +145,8 @@ impl Sender {
             // Best effort: an abort may still be queued; whatever the
             // peer sends now is dropped (and its fds closed).
             let _ = self.end.flush();
-            while let Ok(Some(_)) = self.end.recv() {}
+            // Bounded: end of file is read again and again, so stop there.
+            while let Ok(Some(Incoming::Frame(..))) = self.end.recv() {}
             return Ok(None);
         }
         if let Some(e) = self.pending_error.take() {

@@ -329,6 +329,11 @@ fn the_receiver_aborting_gives_the_sender_its_items_back() {
         other => panic!("{other:?}"),
     }
     assert!(link.s.is_finished() && link.r.is_finished());
+    // A finished side stays quiet, even once the peer is gone.
+    let Link { mut s, r, .. } = link;
+    drop(r);
+    assert!(s.poll().unwrap().is_none());
+    assert!(s.poll().unwrap().is_none());
 }
 
 #[test]
@@ -352,6 +357,9 @@ fn the_sender_aborting_keeps_its_items_and_tells_the_receiver() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(link.s.commit(), Err(HandoverError::State { .. })));
+    let Link { s, mut r, .. } = link;
+    drop(s);
+    assert!(r.poll().unwrap().is_none());
 }
 
 #[test]
