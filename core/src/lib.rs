@@ -68,6 +68,7 @@
 
 pub mod control;
 pub mod duration;
+pub mod handover;
 pub mod lifecycle;
 pub mod notify;
 pub mod pidfile;

@@ -12,6 +12,7 @@
 //! | `LISTEN_FDNAMES` | colon-separated names, one per fd |
 //! | `BATON_READY_FD` | where the child reports readiness: `1`, or `error: <message>\n` |
 //! | `BATON_GENERATION` | 0 for a process started by hand, +1 per upgrade |
+//! | `BATON_HANDOVER_FD` | the child's end of the [handover](crate::handover) channel, when the parent offers one |
 //!
 //! Nothing here touches the process environment: reading takes a lookup
 //! function, writing returns the pairs to put in the child's environment.
@@ -33,6 +34,8 @@ pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 pub const BATON_READY_FD: &str = "BATON_READY_FD";
 /// Generation number of the process.
 pub const BATON_GENERATION: &str = "BATON_GENERATION";
+/// Fd of the child's end of the [handover](crate::handover) channel.
+pub const BATON_HANDOVER_FD: &str = "BATON_HANDOVER_FD";
 /// The first passed fd, as in systemd.
 pub const FIRST_FD: RawFd = 3;
 /// The name systemd gives a socket that was passed without one.
@@ -71,6 +74,15 @@ pub enum ProtocolError {
         /// One past the last passed socket.
         end: RawFd,
     },
+    /// The handover fd is below fd 3, one of the passed sockets, or the
+    /// readiness fd.
+    #[error("BATON_HANDOVER_FD {handover_fd} collides with stdio, a passed socket (fds 3..{end}) or BATON_READY_FD")]
+    HandoverFdCollides {
+        /// The handover fd.
+        handover_fd: RawFd,
+        /// One past the last passed socket.
+        end: RawFd,
+    },
     /// A socket name cannot be passed: empty, too long, or with `:` or a
     /// control character.
     #[error("invalid socket name {0:?}: 1 to 255 printable characters, no ':'")]
@@ -88,6 +100,9 @@ pub struct Passed {
     pub names: Vec<String>,
     /// Where to report readiness, when the parent is a baton process.
     pub ready_fd: Option<RawFd>,
+    /// The child's end of the handover channel, when the parent offers
+    /// one: take it with [`End::from_inherited`](crate::handover::End::from_inherited).
+    pub handover_fd: Option<RawFd>,
     /// Generation of this process: 0 when started by hand or by systemd.
     pub generation: u64,
 }
@@ -96,6 +111,12 @@ impl Passed {
     /// The fd number of the `index`-th passed socket.
     pub fn fd(index: usize) -> RawFd {
         FIRST_FD + index as RawFd
+    }
+
+    /// Where a baton parent puts the handover channel for a child that
+    /// gets `sockets` sockets: right after the readiness fd.
+    pub fn handover_fd_for(sockets: usize) -> RawFd {
+        Passed::fd(sockets) + 1
     }
 }
 
@@ -172,6 +193,22 @@ pub fn parse(
             Some(fd)
         }
     };
+    let handover_fd = match number(BATON_HANDOVER_FD)? {
+        None => None,
+        Some(fd) => {
+            let fd = RawFd::try_from(fd).map_err(|_| ProtocolError::InvalidValue {
+                name: BATON_HANDOVER_FD,
+                value: fd.to_string(),
+            })?;
+            if fd < end || Some(fd) == ready_fd {
+                return Err(ProtocolError::HandoverFdCollides {
+                    handover_fd: fd,
+                    end,
+                });
+            }
+            Some(fd)
+        }
+    };
     let generation = number(BATON_GENERATION)?.unwrap_or(0);
     // Refused here, at start-up, rather than at the first upgrade: the value
     // came from the environment, and a server that cannot upgrade should say
@@ -180,6 +217,7 @@ pub fn parse(
     Ok(Passed {
         names,
         ready_fd,
+        handover_fd,
         generation,
     })
 }
@@ -199,7 +237,12 @@ pub fn next_generation(generation: u64) -> Result<u64, ProtocolError> {
 pub fn is_protocol_var(name: &str) -> bool {
     matches!(
         name,
-        LISTEN_FDS | LISTEN_PID | LISTEN_FDNAMES | BATON_READY_FD | BATON_GENERATION
+        LISTEN_FDS
+            | LISTEN_PID
+            | LISTEN_FDNAMES
+            | BATON_READY_FD
+            | BATON_GENERATION
+            | BATON_HANDOVER_FD
     )
 }
 
@@ -211,6 +254,7 @@ pub const INHERITED_VARS: &[&str] = &[
     LISTEN_FDNAMES,
     BATON_READY_FD,
     BATON_GENERATION,
+    BATON_HANDOVER_FD,
     crate::notify::NOTIFY_SOCKET,
 ];
 
@@ -418,6 +462,50 @@ mod tests {
     }
 
     #[test]
+    fn handover_fd_is_read_and_checked_like_the_ready_fd() {
+        let base = [
+            ("LISTEN_PID", "42"),
+            ("LISTEN_FDS", "2"),
+            ("BATON_READY_FD", "5"),
+        ];
+        let with = |fd: &'static str| {
+            let mut vars = base.to_vec();
+            vars.push((BATON_HANDOVER_FD, fd));
+            parse(env(&vars), 42)
+        };
+        assert_eq!(parse(env(&base), 42).unwrap().handover_fd, None);
+        let fd = Passed::handover_fd_for(2);
+        assert_eq!(fd, 6);
+        assert_eq!(with("6").unwrap().handover_fd, Some(fd));
+        for collides in ["0", "2", "4", "5"] {
+            assert!(
+                matches!(
+                    with(collides),
+                    Err(ProtocolError::HandoverFdCollides { end: 5, .. })
+                ),
+                "{collides}"
+            );
+        }
+        assert!(matches!(
+            with("-1"),
+            Err(ProtocolError::InvalidValue {
+                name: BATON_HANDOVER_FD,
+                ..
+            })
+        ));
+        assert!(matches!(
+            with("99999999999"),
+            Err(ProtocolError::InvalidValue {
+                name: BATON_HANDOVER_FD,
+                ..
+            })
+        ));
+        // Not for this pid: ignored like every other variable.
+        let vars = env(&[("LISTEN_PID", "41"), (BATON_HANDOVER_FD, "6")]);
+        assert_eq!(parse(vars, 42).unwrap().handover_fd, None);
+    }
+
+    #[test]
     fn child_vars_round_trip_through_parse() {
         let vars = child_vars(&["http", "control"], 4).unwrap();
         let mut pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -444,8 +532,10 @@ mod tests {
             LISTEN_FDNAMES,
             BATON_READY_FD,
             BATON_GENERATION,
+            BATON_HANDOVER_FD,
         ] {
             assert!(is_protocol_var(name));
+            assert!(INHERITED_VARS.contains(&name));
         }
         assert!(!is_protocol_var("NOTIFY_SOCKET"));
         assert!(!is_protocol_var("PATH"));
@@ -477,16 +567,21 @@ mod tests {
             fds in proptest::option::of(".{0,12}"),
             names in proptest::option::of(".{0,40}"),
             ready in proptest::option::of(".{0,12}"),
+            handover in proptest::option::of(".{0,12}"),
             generation in proptest::option::of(".{0,12}"),
         ) {
             let mut pairs = vec![("LISTEN_PID".to_string(), "7".to_string())];
-            for (k, v) in [(LISTEN_FDS, fds), (LISTEN_FDNAMES, names), (BATON_READY_FD, ready), (BATON_GENERATION, generation)] {
+            for (k, v) in [(LISTEN_FDS, fds), (LISTEN_FDNAMES, names), (BATON_READY_FD, ready), (BATON_HANDOVER_FD, handover), (BATON_GENERATION, generation)] {
                 if let Some(v) = v { pairs.push((k.to_string(), v)); }
             }
             let map: HashMap<String, OsString> = pairs.into_iter().map(|(k, v)| (k, v.into())).collect();
             if let Ok(passed) = parse(|n| map.get(n).cloned(), 7) {
                 if let Some(fd) = passed.ready_fd {
                     proptest::prop_assert!(fd >= Passed::fd(passed.names.len()));
+                }
+                if let Some(fd) = passed.handover_fd {
+                    proptest::prop_assert!(fd >= Passed::fd(passed.names.len()));
+                    proptest::prop_assert_ne!(Some(fd), passed.ready_fd);
                 }
                 // Whatever was accepted can be upgraded from.
                 proptest::prop_assert!(next_generation(passed.generation).is_ok());

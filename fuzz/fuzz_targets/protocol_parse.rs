@@ -1,9 +1,10 @@
 //! Fuzz target: `baton_core::protocol::parse` fed arbitrary values for the
-//! five protocol variables (any bytes, not only UTF-8) and an arbitrary pid.
+//! six protocol variables (any bytes, not only UTF-8) and an arbitrary pid.
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run protocol_parse` (in `fuzz/`).
 //! Checks, besides "no panic": a successful parse is consistent (the
-//! readiness fd never collides with a passed socket, names are one per fd).
+//! readiness and handover fds never collide with a passed socket or each
+//! other, names are one per fd).
 #![no_main]
 
 use std::ffi::OsString;
@@ -12,12 +13,13 @@ use std::os::unix::ffi::OsStringExt;
 use baton_core::protocol::{parse, Passed};
 use libfuzzer_sys::fuzz_target;
 
-const VARS: [&str; 5] = [
+const VARS: [&str; 6] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "BATON_READY_FD",
     "BATON_GENERATION",
+    "BATON_HANDOVER_FD",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -43,6 +45,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(passed) = parse(lookup, pid) {
         if let Some(fd) = passed.ready_fd {
             assert!(fd >= Passed::fd(passed.names.len()));
+        }
+        if let Some(fd) = passed.handover_fd {
+            assert!(fd >= Passed::fd(passed.names.len()));
+            assert_ne!(Some(fd), passed.ready_fd);
         }
         if !passed.names.is_empty() {
             assert_eq!(values[0], Some(pid.to_string().into_bytes()));

@@ -21,6 +21,7 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 
 mod process;
+pub(crate) mod seqpacket;
 mod spawn;
 
 pub use process::ExitStatus;
