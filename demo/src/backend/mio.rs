@@ -70,7 +70,8 @@ pub fn run(options: &Options) -> Result<(), Failed> {
     };
     baton.ready().map_err(|e| failed(&e))?;
     // After "ready": a new generation's own cache must not delay the handover.
-    crate::ballast::fill_in_background(options.ballast);
+    let delay = super::ballast_delay(baton.generation(), options);
+    crate::ballast::fill_in_background(options.ballast, delay);
     let info = ServerInfo {
         pid: std::process::id(),
         generation: baton.generation(),

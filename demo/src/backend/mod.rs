@@ -36,3 +36,14 @@ pub fn config(options: &Options) -> Config {
     }
     config
 }
+
+/// When a generation fills its `--ballast`: at once when started by hand,
+/// after its predecessor's watch window when started by an upgrade
+/// ([`crate::ballast::fill_in_background`] says why).
+pub fn ballast_delay(generation: u64, options: &Options) -> std::time::Duration {
+    if generation == 0 {
+        std::time::Duration::ZERO
+    } else {
+        options.successor_watch
+    }
+}

@@ -57,8 +57,11 @@ where
             .map_err(failed)?;
     }
     // After "ready": a new generation's own cache must not delay the handover.
-    let ballast = options.ballast;
-    server.on_ready(move || crate::ballast::fill_in_background(ballast));
+    let (ballast, delay) = (
+        options.ballast,
+        super::ballast_delay(server.generation(), options),
+    );
+    server.on_ready(move || crate::ballast::fill_in_background(ballast, delay));
     let timeouts = timeouts(options);
     server
         .serve(move |stream, conn| {
