@@ -169,6 +169,9 @@ pub struct Upgrader {
     /// The child of the last successful upgrade, with its pidfd and its
     /// readiness fd, until the generation watches it.
     successor: Arc<Mutex<Option<Handover>>>,
+    /// An fd number taken at start-up, below the connections to come, where
+    /// the readiness fd is put for the spawn (see [`Upgrader::start`]).
+    low_slot: Mutex<Option<OwnedFd>>,
 }
 
 /// A successor as the generation watches it: its process, and the rest of
@@ -195,6 +198,7 @@ impl Upgrader {
             running_pid: Arc::default(),
             reaper: Arc::default(),
             successor: Arc::default(),
+            low_slot: Mutex::new(sys::reserve_fd().ok()),
         }
     }
 
@@ -266,6 +270,15 @@ impl Upgrader {
         let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
         let vars = protocol::child_vars(&names, generation)?;
         let (ready_read, ready_write) = sys::readiness_pipe().map_err(UpgradeError::Spawn)?;
+        // The write end goes to the child from the low slot, if we hold one:
+        // the child then copies only the low end of our fd table (see
+        // sys::spawn), however many connections are open above it.
+        let mut slot = lock(&self.low_slot).take();
+        if let Some(fd) = slot.as_mut() {
+            if nix::unistd::dup3(&ready_write, fd, nix::fcntl::OFlag::O_CLOEXEC).is_err() {
+                slot = None;
+            }
+        }
         let plan = SpawnPlan {
             program: cstring(self.program.as_os_str()).map_err(UpgradeError::Spawn)?,
             args: self
@@ -276,13 +289,17 @@ impl Upgrader {
                 .map_err(UpgradeError::Spawn)?,
             env: child_env(&vars).map_err(UpgradeError::Spawn)?,
             sockets: sockets.iter().map(|(_, fd)| *fd).collect(),
-            ready: ready_write.as_fd(),
+            ready: slot.as_ref().map_or(ready_write.as_fd(), AsFd::as_fd),
         };
-        let (child, method) = sys::spawn(&plan).map_err(UpgradeError::Spawn)?;
+        let spawned = sys::spawn(&plan);
         // Only the child may hold the write end, so that EOF means the
-        // child has gone.
+        // child has gone: the slot's copy goes too, and the lowest free fd
+        // (most likely the same number) becomes the next slot.
         drop(plan);
+        drop(slot);
         drop(ready_write);
+        *lock(&self.low_slot) = sys::reserve_fd().ok();
+        let (child, method) = spawned.map_err(UpgradeError::Spawn)?;
         let pid = child.pid();
         self.running_pid.store(pid, Ordering::Release);
         log::debug!(

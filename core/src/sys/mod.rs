@@ -106,6 +106,12 @@ pub(crate) fn readiness_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read, write))
 }
 
+/// A placeholder fd (`/dev/null`, close-on-exec) at the lowest free
+/// number: taken early, it keeps a low fd number for later use.
+pub(crate) fn reserve_fd() -> io::Result<OwnedFd> {
+    Ok(std::fs::File::open("/dev/null")?.into())
+}
+
 /// `read(2)` into `buf`; `Ok(0)` is end of file.
 pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     Ok(nix::unistd::read(fd, buf)?)
