@@ -431,10 +431,12 @@ impl Generation {
         Ok(pending)
     }
 
-    /// Record that the next generation serves: tells systemd to follow it,
-    /// and stops this one.
+    /// Record that the next generation serves: tells our own parent (see
+    /// [`handed_over`](Self::handed_over)) and systemd to follow it, and
+    /// stops this one.
     pub fn upgraded(&self, upgraded: &Upgraded) {
         log::debug!("upgraded: {upgraded}");
+        self.handed_over();
         self.notify(&format!(
             "MAINPID={}\nREADY=1\nSTATUS=serving (generation {}, upgraded in {} ms)",
             upgraded.pid,
@@ -442,8 +444,13 @@ impl Generation {
             upgraded.time_to_ready.as_millis()
         ));
         *lock(&self.successor) = Some(upgraded.pid);
-        // Tell our own parent, if it still watches us, that a newer
-        // generation serves now: our death must not make it serve again.
+        self.stop.stop_with(StopReason::Upgraded);
+    }
+
+    /// Tell our own parent, if it still watches us, that a newer generation
+    /// serves now: our death must not make it serve again. The first thing
+    /// to do once the next generation is ready; once only.
+    pub fn handed_over(&self) {
         // A parent that has exited reads no more: then there is nobody to
         // tell (and writing would raise SIGPIPE).
         let parent_gone = lock(&self.ready)
@@ -454,7 +461,6 @@ impl Generation {
         } else if let Err(e) = self.report(&[HANDED_OVER], false) {
             log::debug!("cannot tell the previous generation about the hand-over: {e}");
         }
-        self.stop.stop_with(StopReason::Upgraded);
     }
 
     /// Watch the generation this one handed over to, while this one drains:

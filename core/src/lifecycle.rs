@@ -465,9 +465,12 @@ impl Lifecycle {
             Ok(upgraded) => {
                 // First tell our own parent (if it still watches us) that a
                 // newer generation serves: killed after this, we are no
-                // longer its business. Only then tell the operator.
-                self.generation.upgraded(&upgraded);
+                // longer its business. Then the operator; then stop, which
+                // wakes every connection (thousands of tasks on a busy
+                // server) and is no part of the handover.
+                self.generation.handed_over();
                 log::info!("upgrade done: {upgraded}");
+                self.generation.upgraded(&upgraded);
                 self.last_upgrade = Some(Ok(upgraded));
                 Answer::Upgraded(upgraded)
             }
