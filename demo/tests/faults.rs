@@ -42,7 +42,10 @@ use common::{
     zombie_children, Conn, Server, TempDir, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT,
 };
 use nix::sys::signal::Signal;
-use testkit::load::{Load, LoadConfig, Report};
+use testkit::steps::{
+    assert_exited_cleanly, assert_no_failures, assert_serves, child_pid, done_pid, finish_load,
+    start_load,
+};
 
 per_backend! {
     fn successor_dies_after_ready;
@@ -100,55 +103,6 @@ impl Deploy {
     }
 }
 
-/// The pid in an `upgrade started: new process PID` line.
-fn child_pid(server: &Server, line: &str) -> u32 {
-    match line
-        .rsplit_once("new process ")
-        .and_then(|(_, pid)| pid.trim().parse().ok())
-    {
-        Some(pid) => pid,
-        None => server.fail(format_args!("no pid in {line:?}")),
-    }
-}
-
-/// The pid in an `upgrade done: pid PID generation …` line.
-fn done_pid(server: &Server, line: &str) -> u32 {
-    match line
-        .split_once("upgrade done: pid ")
-        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
-    {
-        Some(pid) => pid,
-        None => server.fail(format_args!("no pid in {line:?}")),
-    }
-}
-
-/// Assert `pid` answers `GET /` itself, as generation `generation`.
-fn assert_serves(server: &Server, pid: u32, generation: u64) {
-    match get(server.addr(), "/") {
-        Ok(reply) => server.check(
-            reply.status == 200 && reply.pid == Some(pid) && reply.generation == Some(generation),
-            format_args!("expected pid {pid} generation {generation} to answer, got {reply:?}"),
-        ),
-        Err(e) => server.fail(format_args!("GET / failed: {e}")),
-    }
-}
-
-/// Assert generation `pid` exited 0 after its `exit` line. Its status is
-/// unknown (`None`) when it exited while its parent still watched it (rapid
-/// upgrades: the parent drains for longer than its successor lives): the
-/// parent reaped it, and the `exit` line is the evidence.
-fn assert_exited_cleanly(server: &mut Server, pid: u32) {
-    let exit = server.wait_exit(pid, LINE_TIMEOUT);
-    let exit_line = server.find(pid, |m| m == "exit").is_some();
-    server.check(
-        exit.status.map_or(exit_line, |s| s.success()),
-        format_args!(
-            "generation {pid} ended with {:?} (exit line: {exit_line})",
-            exit.status
-        ),
-    );
-}
-
 /// Wait (bounded) until `pid` is dead: gone, a zombie, or no longer a child
 /// of `parent`. `kill(SIGKILL)` returns before the target is gone.
 fn wait_dead(server: &Server, pid: u32, parent: u32) {
@@ -165,52 +119,6 @@ fn wait_dead(server: &Server, pid: u32, parent: u32) {
         std::thread::yield_now();
     }
     server.fail(format_args!("pid {pid} did not die after SIGKILL"));
-}
-
-/// Start a load of keep-alive and per-request connections, and let it reach
-/// the server (each round is a real request of our own).
-fn start_load(server: &Server, connections: usize) -> Load {
-    let load = Load::start(LoadConfig {
-        keep_alive_connections: connections,
-        per_request_connections: connections,
-        max_duration: Duration::from_secs(60),
-        ..LoadConfig::new(server.addr())
-    })
-    .expect("start the load");
-    let until = load.ok() + 2 * connections as u64;
-    for _ in 0..10_000 {
-        if load.ok() >= until || load.failed() > 0 {
-            break;
-        }
-        let _ = get(server.addr(), "/health");
-    }
-    load
-}
-
-/// Let `load` make `n` more successful requests (bounded), then stop it.
-fn finish_load(server: &Server, load: Load, n: u64) -> Report {
-    let until = load.ok() + n;
-    for _ in 0..10_000 {
-        if load.ok() >= until || load.failed() > 0 {
-            break;
-        }
-        let _ = get(server.addr(), "/health");
-    }
-    load.stop()
-}
-
-/// Fail with the load's failures, if any.
-fn assert_no_failures(server: &Server, report: &Report, during: &str) {
-    server.check(
-        report.failed() == 0,
-        format_args!(
-            "{} failed requests {during} ({} ok): {:?}\nsamples:\n{}",
-            report.failed(),
-            report.ok,
-            report.failures,
-            report.failure_samples.join("\n")
-        ),
-    );
 }
 
 /// The new generation is SIGKILLed right after its `upgrade done` line: the
