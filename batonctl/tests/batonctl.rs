@@ -1,14 +1,10 @@
 //! `batonctl` against a real server built on baton: `baton-demo --control
 //! SOCK` on its default backend (tokio).
 //!
-//! `baton-demo` is another package's binary, so Cargo does not build it for
-//! this test nor tell where it is (`CARGO_BIN_EXE_baton-demo` exists only
-//! in the demo's own tests). It is looked for next to `batonctl` in the
-//! target directory (this test runs from `target/<profile>/deps/`); if it is
-//! missing, the test runs `cargo build -p baton-demo` first, and fails with
-//! that advice if the build directory is locked (a running `cargo test`
-//! holds it). A stale binary is not rebuilt: `cargo test --workspace`, or
-//! `cargo build -p baton-demo` before `cargo test -p batonctl`, keeps it
+//! `baton-demo` is another package's binary: `testkit::workspace_binary`
+//! finds it next to `batonctl` in the target directory, or builds it (its
+//! docs say how). A stale binary is not rebuilt: `cargo test --workspace`,
+//! or `cargo build -p baton-demo` before `cargo test -p batonctl`, keeps it
 //! current.
 //!
 //! Every wait is bounded and synchronised on the server's log lines (one
@@ -29,57 +25,10 @@ const BATONCTL: &str = env!("CARGO_BIN_EXE_batonctl");
 /// How long a server may take to log a line we wait for.
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The `baton-demo` binary, built if missing.
+/// The `baton-demo` binary, built if missing (`testkit::workspace_binary`).
 fn demo_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the test's own path");
-        let dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("the test runs from target/<profile>/deps");
-        let binary = dir.join("baton-demo");
-        if !binary.exists() {
-            build_demo(dir);
-        }
-        assert!(
-            binary.exists(),
-            "{} is missing: run `cargo build -p baton-demo`",
-            binary.display()
-        );
-        binary
-    })
-}
-
-/// `cargo build -p baton-demo` into this test's target directory, given
-/// up at once if another cargo holds the build directory.
-fn build_demo(profile_dir: &Path) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .args(["build", "-p", "baton-demo"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        command.arg("--release");
-    }
-    if let Some(target) = profile_dir.parent() {
-        command.env("CARGO_TARGET_DIR", target);
-    }
-    let mut child = command.spawn().expect("run cargo build -p baton-demo");
-    let stderr = child.stderr.take().expect("cargo's stderr");
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap_or_default();
-        if line.contains("Blocking waiting for file lock") {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("baton-demo is not built and the build directory is locked: run `cargo build -p baton-demo` first");
-        }
-    }
-    let status = child.wait().expect("wait for cargo build");
-    assert!(status.success(), "cargo build -p baton-demo: {status}");
+    BINARY.get_or_init(|| testkit::workspace_binary("baton-demo", "baton-demo"))
 }
 
 /// What a `batonctl` run printed.

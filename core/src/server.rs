@@ -591,21 +591,29 @@ async fn read_command<R: Runtime + ?Sized>(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return None,
         }
-        let ready = first_of(vec![
-            Box::pin(async {
-                let _ = runtime.readable(stream.as_fd()).await;
-                true
-            }) as BoxFuture<'_, bool>,
-            Box::pin(async {
-                runtime.sleep_until(deadline).await;
-                false
-            }),
-        ])
-        .await;
-        if !ready {
+        if !before(runtime, runtime.readable(stream.as_fd()), deadline).await {
             return None;
         }
     }
+}
+
+/// True if `ready` resolves before `deadline`.
+async fn before<R: Runtime + ?Sized>(
+    runtime: &R,
+    ready: BoxFuture<'_, io::Result<()>>,
+    deadline: Instant,
+) -> bool {
+    first_of(vec![
+        Box::pin(async {
+            let _ = ready.await;
+            true
+        }) as BoxFuture<'_, bool>,
+        Box::pin(async {
+            runtime.sleep_until(deadline).await;
+            false
+        }),
+    ])
+    .await
 }
 
 /// Write `bytes` whole, or give up at `deadline` or on an error.
@@ -620,18 +628,7 @@ async fn write_all<R: Runtime + ?Sized>(
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let ready = first_of(vec![
-                    Box::pin(async {
-                        let _ = runtime.writable(stream.as_fd()).await;
-                        true
-                    }) as BoxFuture<'_, bool>,
-                    Box::pin(async {
-                        runtime.sleep_until(deadline).await;
-                        false
-                    }),
-                ])
-                .await;
-                if !ready {
+                if !before(runtime, runtime.writable(stream.as_fd()), deadline).await {
                     return;
                 }
             }

@@ -10,7 +10,6 @@
 //! `cargo test` does). A stale binary is not rebuilt: `cargo build -p
 //! batonctl` before `cargo test -p baton-tokio` keeps it current.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -22,58 +21,7 @@ use std::sync::OnceLock;
 /// When it is missing and cannot be built, with the command that builds it.
 pub fn binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().expect("the path of the running test executable");
-        // deps/TEST-HASH -> deps -> <profile>
-        let dir = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("the test runs from target/<profile>/deps");
-        let binary = dir.join("batonctl");
-        if !binary.is_file() {
-            build(dir);
-        }
-        assert!(
-            binary.is_file(),
-            "{} is missing: run `cargo build -p batonctl`",
-            binary.display()
-        );
-        binary
-    })
-}
-
-/// `cargo build -p batonctl` into `profile_dir`'s target directory, given up
-/// at once if another cargo holds the build directory.
-fn build(profile_dir: &Path) {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .args(["build", "-p", "batonctl", "--bin", "batonctl"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        command.arg("--release");
-    }
-    if let Some(target) = profile_dir.parent() {
-        command.env("CARGO_TARGET_DIR", target);
-    }
-    let mut child = command.spawn().expect("run cargo build -p batonctl");
-    let stderr = child.stderr.take().expect("cargo's stderr");
-    // Bounded by cargo's output, which ends when cargo does.
-    for line in BufReader::new(stderr).lines() {
-        let line = line.unwrap_or_default();
-        if line.contains("Blocking waiting for file lock") {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "batonctl is not built and the build directory is locked: \
-                 run `cargo build -p batonctl` first"
-            );
-        }
-    }
-    let status = child.wait().expect("wait for cargo build");
-    assert!(status.success(), "cargo build -p batonctl: {status}");
+    BINARY.get_or_init(|| crate::workspace_binary("batonctl", "batonctl"))
 }
 
 /// What a `batonctl` run printed, and how it exited.

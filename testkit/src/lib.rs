@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batonctl;
+mod binaries;
 pub mod examples;
 pub mod harness;
 pub mod http;
@@ -34,6 +35,7 @@ pub mod tempdir;
 
 use std::path::PathBuf;
 
+pub use binaries::workspace_binary;
 pub use harness::{Exit, Line, Server, LINE_TIMEOUT};
 pub use http::{get, request, Conn, Reply, Response, REQUEST_TIMEOUT};
 pub use proc::{fd_count, fd_links, inherited_from_tests, proc_state, zombie_children};
