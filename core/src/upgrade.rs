@@ -851,6 +851,56 @@ mod tests {
     }
 
     #[test]
+    fn with_state_versions_the_child_gets_the_handover_end_after_the_readiness_fd() {
+        // One socket: ready at 4, the handover end at 5, a seqpacket socket.
+        let path = script(
+            "state.sh",
+            "if [ \"$BATON_HANDOVER_FD\" = 5 ] && [ -S /proc/self/fd/5 ]; then printf 1 >&4; \
+             else echo \"error: handover fd $BATON_HANDOVER_FD\" >&4; fi\nexec sleep 30",
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upgrader = upgrader(&path, Duration::from_secs(10))
+            .with_state_versions(Some(handover::Versions::single(1)));
+        let mut pending = upgrader.start(&[("http", listener.as_fd())]).unwrap();
+        let pid = pending.pid();
+        let mut sender = pending.take_state_sender().expect("a state channel");
+        assert!(pending.take_state_sender().is_none(), "taken once");
+        run(pending).unwrap();
+        end_successor(&upgrader, pid);
+        // The child held the only other copy of its end: its death is the
+        // end of the channel (bounded: one wait per round).
+        let mut gone = false;
+        for _ in 0..100 {
+            match sender.poll() {
+                Ok(Some(handover::SenderEvent::Closed)) | Err(handover::HandoverError::PeerGone) => {
+                    gone = true;
+                    break;
+                }
+                Ok(Some(other)) => panic!("unexpected {other:?}"),
+                Ok(None) => {
+                    sys::wait_readable(sender.as_fd(), Duration::from_secs(10)).unwrap();
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(gone, "the parent closed its copy of the child's end");
+    }
+
+    #[test]
+    fn without_state_versions_there_is_no_channel() {
+        let path = script(
+            "nostate.sh",
+            "if [ -z \"$BATON_HANDOVER_FD\" ]; then printf 1 >&3; else echo \"error: channel\" >&3; fi\nexec sleep 30",
+        );
+        let upgrader = upgrader(&path, Duration::from_secs(10));
+        let mut pending = upgrader.start(&[]).unwrap();
+        let pid = pending.pid();
+        assert!(pending.take_state_sender().is_none());
+        run(pending).unwrap();
+        end_successor(&upgrader, pid);
+    }
+
+    #[test]
     fn one_upgrade_at_a_time() {
         let path = script("hang.sh", "exec sleep 30");
         let upgrader = upgrader(&path, Duration::from_secs(10));
@@ -995,6 +1045,7 @@ mod tests {
             env: Vec::new(),
             sockets: Vec::new(),
             ready: write.as_fd(),
+            handover: None,
         };
         let (child, _) = sys::spawn(&plan).unwrap();
         let watch = sys::pidfd_open(child.pid()).unwrap();
