@@ -739,10 +739,7 @@ impl Baton {
                 break;
             }
             let token = self.token(FIRST_WATCHED + index);
-            match self
-                .registry
-                .register(&mut SourceFd(&fd), token, interest)
-            {
+            match self.registry.register(&mut SourceFd(&fd), token, interest) {
                 Ok(()) => self.watched.push(fd),
                 Err(e) => log::error!("cannot watch fd {fd} in mio: {e}"),
             }

@@ -273,9 +273,8 @@ impl Generation {
     /// inherited.
     pub fn from_env(config: Config) -> Result<Self, Error> {
         let passed = protocol::parse(|name| std::env::var_os(name), sys::getpid())?;
-        let anything_passed = !passed.names.is_empty()
-            || passed.ready_fd.is_some()
-            || passed.handover_fd.is_some();
+        let anything_passed =
+            !passed.names.is_empty() || passed.ready_fd.is_some() || passed.handover_fd.is_some();
         if anything_passed && ADOPTED.swap(true, Ordering::SeqCst) {
             return Err(Error::AlreadyAdopted);
         }
@@ -410,9 +409,8 @@ impl Generation {
                             let _ = receiver.abort("timed out sending prepared");
                             return Err(Error::StateTimeout(timeout));
                         }
-                        sys::wait_io(receiver.as_fd(), true, left).map_err(|e| {
-                            Error::State(crate::handover::HandoverError::Io(e))
-                        })?;
+                        sys::wait_io(receiver.as_fd(), true, left)
+                            .map_err(|e| Error::State(crate::handover::HandoverError::Io(e)))?;
                         if let Some(ReceiverEvent::Aborted(e)) =
                             receiver.poll().map_err(Error::State)?
                         {

@@ -884,7 +884,9 @@ fn send_items(sender: &mut Sender, items: Vec<Item>, pid: u32) -> Result<(), Han
     for item in items {
         let (name, version, len) = (item.name.clone(), item.version, item.payload.len());
         match sender.push(item) {
-            Ok(()) => log::info!("state: sending {name:?} v{version} ({len} bytes) to new process {pid}"),
+            Ok(()) => {
+                log::info!("state: sending {name:?} v{version} ({len} bytes) to new process {pid}")
+            }
             Err(refused) => log::warn!("state: {refused}; this generation keeps it"),
         }
     }

@@ -166,10 +166,7 @@ impl<R: Runtime, L: Accept> Server<R, L> {
     /// The state the previous generation moves to this one; blocks up to
     /// `timeout`: call it before [`serve`](Self::serve) (see
     /// [`Generation::receive_state`](crate::Generation::receive_state)).
-    pub fn receive_state(
-        &self,
-        timeout: Duration,
-    ) -> Result<Vec<crate::handover::Item>, Error> {
+    pub fn receive_state(&self, timeout: Duration) -> Result<Vec<crate::handover::Item>, Error> {
         self.lifecycle.generation().receive_state(timeout)
     }
 

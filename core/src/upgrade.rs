@@ -872,7 +872,8 @@ mod tests {
         let mut gone = false;
         for _ in 0..100 {
             match sender.poll() {
-                Ok(Some(handover::SenderEvent::Closed)) | Err(handover::HandoverError::PeerGone) => {
+                Ok(Some(handover::SenderEvent::Closed))
+                | Err(handover::HandoverError::PeerGone) => {
                     gone = true;
                     break;
                 }
