@@ -174,7 +174,7 @@ pub struct Upgrader {
     /// the readiness fd is put for the spawn (see [`Upgrader::start`]).
     low_slot: Mutex<Option<OwnedFd>>,
     /// The state versions this generation writes: with them, every spawn
-    /// gets a [handover](crate::handover) channel; without, none.
+    /// gets a [handover] channel; without, none.
     state_versions: Option<Versions>,
     /// A second low slot, for the child's end of the handover channel.
     state_slot: Mutex<Option<OwnedFd>>,
@@ -210,7 +210,7 @@ impl Upgrader {
         }
     }
 
-    /// Offer every next generation a [handover](crate::handover) channel
+    /// Offer every next generation a [handover] channel
     /// for application state written at `versions` (none: no channel, as
     /// before). Reserves a second low fd slot for the child's end.
     pub fn with_state_versions(mut self, versions: Option<Versions>) -> Self {
@@ -434,7 +434,7 @@ pub struct PendingUpgrade {
 }
 
 impl PendingUpgrade {
-    /// The old generation's end of the [handover](crate::handover) channel
+    /// The old generation's end of the [handover] channel
     /// to the child, when the generation declared state versions
     /// ([`crate::Config::state_versions`]); once. Drive it (readable, and
     /// writable while it [`wants_write`](handover::Sender::wants_write))
