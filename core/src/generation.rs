@@ -264,7 +264,7 @@ pub struct Generation {
 enum StateChannel {
     None,
     Inherited(End),
-    Prepared { _kept: Box<Receiver> },
+    Prepared { receiver: Box<Receiver> },
 }
 
 impl Generation {
@@ -352,6 +352,20 @@ impl Generation {
         })
     }
 
+    /// The receiver of the state taken by [`receive_state`](Self::receive_state),
+    /// to be polled until the previous generation's commit arrives (the
+    /// lifecycle does).
+    pub(crate) fn take_state_receiver(&self) -> Option<Receiver> {
+        let mut slot = lock(&self.state);
+        match std::mem::replace(&mut *slot, StateChannel::None) {
+            StateChannel::Prepared { receiver } => Some(*receiver),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+
     /// Receive the application state the previous generation moves
     /// ([`Config::state_versions`]): blocks up to `timeout`, so call it
     /// before [`ready`](Self::ready), while this generation serves nothing.
@@ -418,7 +432,7 @@ impl Generation {
                         }
                     }
                     *slot = StateChannel::Prepared {
-                        _kept: Box::new(receiver),
+                        receiver: Box::new(receiver),
                     };
                     return Ok(items);
                 }

@@ -273,6 +273,8 @@ pub struct Lifecycle {
     committing: Option<Sender>,
     /// Whether the state channel was last watched for writability.
     state_writable: bool,
+    /// The state received from the previous generation, until its commit.
+    receiving: Option<crate::handover::Receiver>,
 }
 
 impl Lifecycle {
@@ -295,6 +297,7 @@ impl Lifecycle {
             save_state: None,
             committing: None,
             state_writable: false,
+            receiving: None,
         }
     }
 
@@ -325,6 +328,13 @@ impl Lifecycle {
     pub fn ready(&mut self) -> Result<(), crate::Error> {
         self.generation.ready()?;
         log::info!("serving");
+        // Watch for the previous generation's commit, then let the
+        // channel go.
+        if let Some(receiver) = self.generation.take_state_receiver() {
+            self.receiving = Some(receiver);
+            self.epoch += 1;
+            self.poll_state();
+        }
         Ok(())
     }
 
@@ -361,6 +371,9 @@ impl Lifecycle {
             .map(|s| &s.sender)
             .into_iter()
             .chain(&self.committing);
+        if let Some(receiver) = &self.receiving {
+            watched.state.push(std::os::fd::AsFd::as_fd(receiver));
+        }
         for sender in state {
             watched.state.push(std::os::fd::AsFd::as_fd(sender));
             if sender.wants_write() {
@@ -557,6 +570,12 @@ impl Lifecycle {
                     upgrade.state = None;
                     self.epoch += 1;
                 }
+            }
+        }
+        if let Some(receiver) = self.receiving.as_mut() {
+            if drive_receiving(receiver) == Keep::No {
+                self.receiving = None;
+                self.epoch += 1;
             }
         }
         if let Some(sender) = self.committing.as_mut() {
@@ -891,6 +910,27 @@ fn send_items(sender: &mut Sender, items: Vec<Item>, pid: u32) -> Result<(), Han
         }
     }
     sender.end()
+}
+
+/// The new generation after ready: the previous one's commit, then done.
+fn drive_receiving(receiver: &mut crate::handover::Receiver) -> Keep {
+    use crate::handover::ReceiverEvent;
+    for _ in 0..MAX_STATE_EVENTS {
+        match receiver.poll() {
+            Ok(None) if !receiver.is_finished() => return Keep::Yes,
+            Ok(Some(ReceiverEvent::Committed)) => {
+                log::debug!("state: the previous generation committed");
+                return Keep::No;
+            }
+            Ok(Some(ReceiverEvent::Aborted(e))) => {
+                log::info!("state: the previous generation did not commit: {e}");
+                return Keep::No;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return Keep::No,
+        }
+    }
+    Keep::Yes
 }
 
 /// After the upgrade: the commit, until it is in the socket.
