@@ -435,6 +435,27 @@ impl Baton {
         }
     }
 
+    /// What this generation moves to the next one at each upgrade, at the
+    /// negotiated state version (see
+    /// [`Lifecycle::on_save_state`](baton_core::lifecycle::Lifecycle::on_save_state)
+    /// and [`Config::state_versions`]).
+    pub fn on_save_state(
+        &mut self,
+        save: impl FnMut(u32) -> Vec<baton_core::handover::Item> + Send + Sync + 'static,
+    ) {
+        self.lifecycle.on_save_state(save);
+    }
+
+    /// The state the previous generation moves to this one; blocks up to
+    /// `timeout`: call it before [`ready`](Self::ready) (see
+    /// [`Generation::receive_state`](baton_core::Generation::receive_state)).
+    pub fn receive_state(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<baton_core::handover::Item>, Error> {
+        Ok(self.lifecycle.generation().receive_state(timeout)?)
+    }
+
     /// Tell the previous generation that this one cannot serve, and why.
     /// It logs it and serves on; exit after calling this. Errors of
     /// [`Baton`]'s own methods are reported already.
@@ -699,22 +720,26 @@ impl Baton {
             // Already closed (and so removed from epoll): ENOENT or EBADF.
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
-        let fds: Vec<RawFd> = self
-            .lifecycle
-            .watched()
+        let watched = self.lifecycle.watched();
+        let fds: Vec<(RawFd, Interest)> = watched
             .all()
-            .map(|fd| fd.as_raw_fd())
+            .map(|fd| {
+                let interest = if watched.is_writable(fd) {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                (fd.as_raw_fd(), interest)
+            })
             .collect();
-        for (index, fd) in fds.into_iter().enumerate() {
+        drop(watched);
+        for (index, (fd, interest)) in fds.into_iter().enumerate() {
             if index >= MAX_WATCHED {
                 log::error!("baton-mio: more than {MAX_WATCHED} lifecycle fds to watch");
                 break;
             }
             let token = self.token(FIRST_WATCHED + index);
-            match self
-                .registry
-                .register(&mut SourceFd(&fd), token, Interest::READABLE)
-            {
+            match self.registry.register(&mut SourceFd(&fd), token, interest) {
                 Ok(()) => self.watched.push(fd),
                 Err(e) => log::error!("cannot watch fd {fd} in mio: {e}"),
             }

@@ -57,6 +57,13 @@ pub enum Error {
     /// The signal handlers could not be installed.
     #[error("cannot handle signals: {0}")]
     Signals(#[source] io::Error),
+    /// Receiving the previous generation's state failed
+    /// ([`Generation::receive_state`](crate::Generation::receive_state)).
+    #[error("cannot receive the previous generation's state: {0}")]
+    State(#[source] crate::handover::HandoverError),
+    /// The previous generation's state did not arrive in time.
+    #[error("the previous generation's state did not arrive within {0:?}")]
+    StateTimeout(std::time::Duration),
     /// The path of the running binary could not be found.
     #[error("cannot find the path of the running binary: {0}")]
     Program(#[source] io::Error),

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::handover::{End, Item, Limits, Receiver, ReceiverEvent, Versions};
 use crate::lifecycle::Timeouts;
 use crate::listeners::{ListenAddr, ListenSocket, ListenerHandoff, Listeners, Origin};
 use crate::notify::{self, Notifier};
@@ -140,6 +141,12 @@ pub struct Config {
     pub max_connections: usize,
     /// Act on `SIGHUP` (upgrade), `SIGTERM` and `SIGINT` (stop). Default true.
     pub handle_signals: bool,
+    /// The range of application-state versions this generation reads and
+    /// writes. With it, each upgrade opens a [handover](crate::handover)
+    /// channel to the next generation, which takes the state with
+    /// [`Generation::receive_state`] before it reports ready. Default: none
+    /// (no channel).
+    pub state_versions: Option<Versions>,
 }
 
 impl Default for Config {
@@ -153,6 +160,7 @@ impl Default for Config {
             control: None,
             max_connections: 10_000,
             handle_signals: true,
+            state_versions: None,
         }
     }
 }
@@ -217,6 +225,13 @@ impl Config {
         self.handle_signals = handle;
         self
     }
+
+    /// Move application state to the next generation, written and read at
+    /// `versions` (see [`Config::state_versions`]).
+    pub fn state_versions(mut self, versions: Versions) -> Self {
+        self.state_versions = Some(versions);
+        self
+    }
 }
 
 /// This process as one generation of the server: the sockets it inherited or
@@ -237,6 +252,19 @@ pub struct Generation {
     successor: Mutex<Option<u32>>,
     stop: StopToken,
     tracker: Tracker,
+    state_versions: Option<Versions>,
+    /// The previous generation's end of the state channel, until
+    /// [`Generation::receive_state`] takes it; then the receiver, kept open
+    /// so that the old generation's commit lands.
+    state: Mutex<StateChannel>,
+}
+
+/// The new generation's side of the state channel.
+#[derive(Debug)]
+enum StateChannel {
+    None,
+    Inherited(End),
+    Prepared { receiver: Box<Receiver> },
 }
 
 impl Generation {
@@ -245,12 +273,26 @@ impl Generation {
     /// inherited.
     pub fn from_env(config: Config) -> Result<Self, Error> {
         let passed = protocol::parse(|name| std::env::var_os(name), sys::getpid())?;
-        let anything_passed = !passed.names.is_empty() || passed.ready_fd.is_some();
+        let anything_passed =
+            !passed.names.is_empty() || passed.ready_fd.is_some() || passed.handover_fd.is_some();
         if anything_passed && ADOPTED.swap(true, Ordering::SeqCst) {
             return Err(Error::AlreadyAdopted);
         }
         let listeners = Arc::new(Listeners::adopt(&passed)?);
         let ready = passed.ready_fd.map(adopt_ready_fd).transpose()?;
+        let state = match passed.handover_fd.map(End::from_inherited) {
+            Some(Ok(end)) if config.state_versions.is_some() => StateChannel::Inherited(end),
+            // Closed at once: the old generation sees it and moves nothing.
+            Some(Ok(_)) => {
+                log::debug!("state: this generation declared no state versions; nothing moves");
+                StateChannel::None
+            }
+            Some(Err(e)) => {
+                log::warn!("state: ignoring BATON_HANDOVER_FD: {e}");
+                StateChannel::None
+            }
+            None => StateChannel::None,
+        };
         let program = match config.program {
             Some(program) => program,
             None => current_program().map_err(Error::Program)?,
@@ -297,14 +339,120 @@ impl Generation {
             listeners,
             has_parent: ready.is_some(),
             ready: Mutex::new(ready),
-            upgrader: Upgrader::new(program, args, passed.generation, config.upgrade_timeout),
+            upgrader: Upgrader::new(program, args, passed.generation, config.upgrade_timeout)
+                .with_state_versions(config.state_versions),
             notifier,
             pid_file_path: config.pid_file,
             pid_file,
             successor: Mutex::new(None),
             tracker: Tracker::new(stop.clone()),
             stop,
+            state_versions: config.state_versions,
+            state: Mutex::new(state),
         })
+    }
+
+    /// The receiver of the state taken by [`receive_state`](Self::receive_state),
+    /// to be polled until the previous generation's commit arrives (the
+    /// lifecycle does).
+    pub(crate) fn take_state_receiver(&self) -> Option<Receiver> {
+        let mut slot = lock(&self.state);
+        match std::mem::replace(&mut *slot, StateChannel::None) {
+            StateChannel::Prepared { receiver } => Some(*receiver),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+
+    /// Receive the application state the previous generation moves
+    /// ([`Config::state_versions`]): blocks up to `timeout`, so call it
+    /// before [`ready`](Self::ready), while this generation serves nothing.
+    ///
+    /// Returns the items of the transaction, having told the previous
+    /// generation they are prepared (it commits once this generation
+    /// reports ready). `Ok(vec![])` when there is nothing to receive: no
+    /// channel (started by hand, by systemd, by a parent that moves no
+    /// state, or no versions declared here), no common version, or the
+    /// previous generation closed the channel. Once per generation; later
+    /// calls return `Ok(vec![])`. An error leaves this generation without
+    /// the state; it may serve anyway (the previous generation keeps its
+    /// own).
+    pub fn receive_state(&self, timeout: Duration) -> Result<Vec<Item>, Error> {
+        let mut slot = lock(&self.state);
+        let end = match std::mem::replace(&mut *slot, StateChannel::None) {
+            StateChannel::Inherited(end) => end,
+            other => {
+                *slot = other;
+                return Ok(Vec::new());
+            }
+        };
+        let Some(versions) = self.state_versions else {
+            return Ok(Vec::new());
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut receiver = Receiver::new(end, versions, Limits::default());
+        // Bounded by the deadline: every turn waits for the socket or ends.
+        loop {
+            match receiver.poll().map_err(Error::State)? {
+                Some(ReceiverEvent::Negotiated(Some(version))) => {
+                    log::debug!("state: version {version} negotiated");
+                }
+                Some(ReceiverEvent::Negotiated(None)) => {
+                    log::info!(
+                        "state: no state version in common with the previous generation; nothing moved"
+                    );
+                    return Ok(Vec::new());
+                }
+                Some(ReceiverEvent::Transaction { version, items }) => {
+                    for item in &items {
+                        log::info!(
+                            "state: received {:?} v{} ({} bytes)",
+                            item.name,
+                            item.version,
+                            item.payload.len()
+                        );
+                    }
+                    log::debug!("state: {} items at version {version}", items.len());
+                    receiver.prepared().map_err(Error::State)?;
+                    // The "prepared" must be in the socket before ready.
+                    while receiver.wants_write() {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            let _ = receiver.abort("timed out sending prepared");
+                            return Err(Error::StateTimeout(timeout));
+                        }
+                        sys::wait_io(receiver.as_fd(), true, left)
+                            .map_err(|e| Error::State(crate::handover::HandoverError::Io(e)))?;
+                        if let Some(ReceiverEvent::Aborted(e)) =
+                            receiver.poll().map_err(Error::State)?
+                        {
+                            return Err(Error::State(e));
+                        }
+                    }
+                    *slot = StateChannel::Prepared {
+                        receiver: Box::new(receiver),
+                    };
+                    return Ok(items);
+                }
+                Some(ReceiverEvent::Aborted(e)) => return Err(Error::State(e)),
+                Some(ReceiverEvent::Closed) => {
+                    log::info!("state: the previous generation closed the channel; nothing moved");
+                    return Ok(Vec::new());
+                }
+                Some(ReceiverEvent::Committed) => {}
+                None => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        let _ = receiver.abort("timed out waiting for the state");
+                        return Err(Error::StateTimeout(timeout));
+                    }
+                    sys::wait_io(receiver.as_fd(), receiver.wants_write(), left)
+                        .map_err(|e| Error::State(crate::handover::HandoverError::Io(e)))?;
+                }
+            }
+        }
     }
 
     /// This generation's number: 0 when started by hand, +1 per upgrade.

@@ -26,6 +26,13 @@
 //! - systemd hears `READY=1` again after every failed upgrade, and the PID
 //!   file names whoever serves.
 //!
+//! - application state ([`crate::Config::state_versions`]) moves to the
+//!   next generation before it reports ready: when the two share a state
+//!   version, the items of [`Lifecycle::on_save_state`] are sent, and
+//!   committed once the upgrade succeeded; on any failure this generation
+//!   keeps them and the upgrade goes on without them (`state: …` lines say
+//!   why).
+//!
 //! Every lifecycle line is logged at `info` (or `warn`) through `log`, in the
 //! words the demo prints: `upgrade started: new process P`, `upgrade done:
 //! pid P generation G ready after N ms`, `upgrade failed: …; still serving`,
@@ -36,6 +43,7 @@ use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use crate::generation::{Generation, Successor, SuccessorWatch};
+use crate::handover::{HandoverError, Item, Sender, SenderEvent};
 use crate::stop::StopReason;
 use crate::tracker::DrainReport;
 use crate::upgrade::{PendingUpgrade, UpgradeError, Upgraded};
@@ -152,8 +160,9 @@ pub enum Event {
     Exit(DrainReport),
 }
 
-/// The fds the backend watches for readability on the lifecycle's behalf.
-/// Any of them readable: call [`Lifecycle::handle_readable`].
+/// The fds the backend watches for readability on the lifecycle's behalf,
+/// and those of them it also watches for writability. Any of them ready:
+/// call [`Lifecycle::handle_readable`].
 #[derive(Debug, Default)]
 pub struct Watched<'a> {
     /// Signal pipes (when the lifecycle handles signals).
@@ -162,16 +171,33 @@ pub struct Watched<'a> {
     pub upgrade: Vec<BorrowedFd<'a>>,
     /// The successor's exit and hand-over fds, while it is watched.
     pub successor: Vec<BorrowedFd<'a>>,
+    /// The state channel to the next generation, while state moves.
+    pub state: Vec<BorrowedFd<'a>>,
+    /// Fds of [`all`](Self::all) to watch for writability too (the state
+    /// channel while frames wait for room). A reactor that registers an fd
+    /// once (tokio, async-io) may wait for writability alone on these: a
+    /// hang-up or error wakes that wait too, and `handle_readable` reads
+    /// whatever came.
+    pub writable: Vec<BorrowedFd<'a>>,
 }
 
 impl<'a> Watched<'a> {
-    /// Every fd, in one list.
+    /// Every fd to watch for readability, in one list.
     pub fn all(&self) -> impl Iterator<Item = BorrowedFd<'a>> + '_ {
         self.signals
             .iter()
             .chain(&self.upgrade)
             .chain(&self.successor)
+            .chain(&self.state)
             .copied()
+    }
+
+    /// True if `fd` is to be watched for writability too.
+    pub fn is_writable(&self, fd: BorrowedFd<'_>) -> bool {
+        use std::os::fd::AsRawFd;
+        self.writable
+            .iter()
+            .any(|w| w.as_raw_fd() == fd.as_raw_fd())
     }
 }
 
@@ -180,7 +206,35 @@ impl<'a> Watched<'a> {
 struct Upgrade {
     pending: PendingUpgrade,
     replies: Vec<ReplyTo>,
+    state: Option<StateSend>,
 }
+
+/// The state channel to the child of the pending upgrade.
+#[derive(Debug)]
+struct StateSend {
+    sender: Sender,
+    /// The child said "prepared": commit once it is ready.
+    prepared: bool,
+}
+
+/// The application's [`Lifecycle::on_save_state`] callback.
+struct SaveState(Box<dyn FnMut(u32) -> Vec<Item> + Send + Sync>);
+
+impl std::fmt::Debug for SaveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SaveState(..)")
+    }
+}
+
+/// What driving the state channel left to do with it.
+#[derive(Debug, PartialEq, Eq)]
+enum Keep {
+    Yes,
+    No,
+}
+
+/// Most channel events handled per wake-up: the rest wait for the next.
+const MAX_STATE_EVENTS: usize = 64;
 
 /// The drain after a stop.
 #[derive(Debug)]
@@ -213,6 +267,14 @@ pub struct Lifecycle {
     epoch: u64,
     /// Killed children of failed upgrades not reaped yet.
     unreaped: usize,
+    save_state: Option<SaveState>,
+    /// After a successful upgrade: the state channel until the commit is
+    /// in the socket.
+    committing: Option<Sender>,
+    /// Whether the state channel was last watched for writability.
+    state_writable: bool,
+    /// The state received from the previous generation, until its commit.
+    receiving: Option<crate::handover::Receiver>,
 }
 
 impl Lifecycle {
@@ -232,7 +294,19 @@ impl Lifecycle {
             exited: false,
             epoch: 0,
             unreaped: 0,
+            save_state: None,
+            committing: None,
+            state_writable: false,
+            receiving: None,
         }
+    }
+
+    /// What this generation moves to the next one, at the negotiated state
+    /// version (given): called once per upgrade whose new generation shares
+    /// a version of [`crate::Config::state_versions`] with this one, while
+    /// this one still serves. Without it, an empty transaction is sent.
+    pub fn on_save_state(&mut self, save: impl FnMut(u32) -> Vec<Item> + Send + Sync + 'static) {
+        self.save_state = Some(SaveState(Box::new(save)));
     }
 
     /// Act on `SIGHUP` (upgrade), `SIGTERM` and `SIGINT` (stop): their
@@ -254,6 +328,13 @@ impl Lifecycle {
     pub fn ready(&mut self) -> Result<(), crate::Error> {
         self.generation.ready()?;
         log::info!("serving");
+        // Watch for the previous generation's commit, then let the
+        // channel go.
+        if let Some(receiver) = self.generation.take_state_receiver() {
+            self.receiving = Some(receiver);
+            self.epoch += 1;
+            self.poll_state();
+        }
         Ok(())
     }
 
@@ -282,6 +363,22 @@ impl Lifecycle {
                 .upgrade
                 .push(std::os::fd::AsFd::as_fd(&upgrade.pending));
             watched.upgrade.extend(upgrade.pending.exit_fd());
+        }
+        let state = self
+            .upgrade
+            .as_ref()
+            .and_then(|u| u.state.as_ref())
+            .map(|s| &s.sender)
+            .into_iter()
+            .chain(&self.committing);
+        if let Some(receiver) = &self.receiving {
+            watched.state.push(std::os::fd::AsFd::as_fd(receiver));
+        }
+        for sender in state {
+            watched.state.push(std::os::fd::AsFd::as_fd(sender));
+            if sender.wants_write() {
+                watched.writable.push(std::os::fd::AsFd::as_fd(sender));
+            }
         }
         if let Some(successor) = self.drain.as_ref().and_then(|d| d.successor.as_ref()) {
             watched.successor.extend(successor.fds());
@@ -332,6 +429,9 @@ impl Lifecycle {
                 self.stop("signal received", now);
             }
         }
+        // The state channel first: a "prepared" is in its socket before
+        // the new generation writes "ready".
+        self.poll_state();
         self.poll_upgrade();
         self.check_successor(now);
         self.handle_timeout(now);
@@ -376,7 +476,7 @@ impl Lifecycle {
         if timed_out {
             if let Some(upgrade) = self.upgrade.take() {
                 let error = upgrade.pending.time_out();
-                self.settle(Err(error), upgrade.replies, now);
+                self.settle(Err(error), upgrade.replies, upgrade.state, now);
             }
         } else if self
             .upgrade
@@ -417,13 +517,19 @@ impl Lifecycle {
             self.generation.start_upgrade()
         };
         match started {
-            Ok(pending) => {
+            Ok(mut pending) => {
                 log::info!("upgrade started: new process {}", pending.pid());
                 self.epoch += 1;
+                let state = pending.take_state_sender().map(|sender| StateSend {
+                    sender,
+                    prepared: false,
+                });
                 self.upgrade = Some(Upgrade {
                     pending,
                     replies: reply.into_iter().collect(),
+                    state,
                 });
+                self.poll_state();
             }
             Err(error) => {
                 log::info!("upgrade failed: {error}; still serving");
@@ -449,7 +555,79 @@ impl Lifecycle {
         };
         if let std::task::Poll::Ready(result) = upgrade.pending.poll() {
             if let Some(upgrade) = self.upgrade.take() {
-                self.settle(result, upgrade.replies, Instant::now());
+                self.settle(result, upgrade.replies, upgrade.state, Instant::now());
+            }
+        }
+    }
+
+    /// Drive the state channel: answer the negotiation with the
+    /// application's items, note "prepared", finish a commit. Never blocks.
+    fn poll_state(&mut self) {
+        if let Some(upgrade) = self.upgrade.as_mut() {
+            let pid = upgrade.pending.pid();
+            if let Some(state) = upgrade.state.as_mut() {
+                if drive_state(state, &mut self.save_state, pid) == Keep::No {
+                    upgrade.state = None;
+                    self.epoch += 1;
+                }
+            }
+        }
+        if let Some(receiver) = self.receiving.as_mut() {
+            if drive_receiving(receiver) == Keep::No {
+                self.receiving = None;
+                self.epoch += 1;
+            }
+        }
+        if let Some(sender) = self.committing.as_mut() {
+            if drive_commit(sender) == Keep::No {
+                self.committing = None;
+                self.epoch += 1;
+            }
+        }
+        let writable = self
+            .upgrade
+            .as_ref()
+            .and_then(|u| u.state.as_ref())
+            .map(|s| &s.sender)
+            .into_iter()
+            .chain(&self.committing)
+            .any(Sender::wants_write);
+        if writable != self.state_writable {
+            self.state_writable = writable;
+            self.epoch += 1;
+        }
+    }
+
+    /// The upgrade settled: commit the state if it succeeded and the new
+    /// generation prepared it; otherwise this generation keeps it.
+    fn settle_state(&mut self, state: Option<StateSend>, result: &Result<Upgraded, UpgradeError>) {
+        let Some(mut state) = state else {
+            return;
+        };
+        let pid = match result {
+            Ok(upgraded) => upgraded.pid,
+            Err(e) => e.pid().unwrap_or_default(),
+        };
+        if result.is_ok() && drive_state(&mut state, &mut self.save_state, pid) == Keep::No {
+            return;
+        }
+        match result {
+            Ok(_) if state.prepared => match state.sender.commit() {
+                Ok(()) => {
+                    self.committing = Some(state.sender);
+                    self.poll_state();
+                }
+                Err(e) => log::warn!("state: not moved to new process {pid}: commit: {e}"),
+            },
+            Ok(_) => {
+                log::info!(
+                    "state: not moved: new process {pid} reported ready without preparing it; this generation keeps it"
+                );
+                let _ = state.sender.abort("ready before prepared");
+            }
+            Err(_) => {
+                log::info!("state: not moved: the upgrade failed; this generation keeps it");
+                let _ = state.sender.abort("the upgrade failed");
             }
         }
     }
@@ -458,9 +636,11 @@ impl Lifecycle {
         &mut self,
         result: Result<Upgraded, UpgradeError>,
         replies: Vec<ReplyTo>,
+        state: Option<StateSend>,
         now: Instant,
     ) {
         self.epoch += 1;
+        self.settle_state(state, &result);
         let answer = match result {
             Ok(upgraded) => {
                 // First tell our own parent (if it still watches us) that a
@@ -513,6 +693,9 @@ impl Lifecycle {
             self.epoch += 1;
             // Dropping it kills the new process (reaped without blocking).
             drop(upgrade.pending);
+            if upgrade.state.is_some() {
+                log::info!("state: not moved: the upgrade was abandoned; this generation keeps it");
+            }
             log::info!("upgrade abandoned: the server is stopping");
             let answer = Answer::UpgradeFailed(UpgradeError::Stopping.to_string());
             for reply in upgrade.replies {
@@ -666,6 +849,111 @@ impl Lifecycle {
         self.generation.resume(status);
         self.events.push_back(Event::Resume);
     }
+}
+
+/// Handle what the state channel of a pending upgrade reported.
+fn drive_state(state: &mut StateSend, save: &mut Option<SaveState>, pid: u32) -> Keep {
+    for _ in 0..MAX_STATE_EVENTS {
+        let event = match state.sender.poll() {
+            Ok(Some(event)) => event,
+            Ok(None) => return Keep::Yes,
+            Err(e) => {
+                log::info!("state: not moved to new process {pid}: {e}; this generation keeps it");
+                return Keep::No;
+            }
+        };
+        match event {
+            SenderEvent::Negotiated(Some(version)) => {
+                let items = save.as_mut().map(|f| (f.0)(version)).unwrap_or_default();
+                if let Err(e) = send_items(&mut state.sender, items, pid) {
+                    log::info!(
+                        "state: not moved to new process {pid}: {e}; this generation keeps it"
+                    );
+                    return Keep::No;
+                }
+            }
+            SenderEvent::Negotiated(None) => {
+                log::info!(
+                    "state: not moved: new process {pid} shares no state version with this generation"
+                );
+                return Keep::No;
+            }
+            SenderEvent::Prepared => state.prepared = true,
+            SenderEvent::Aborted { cause, .. } => {
+                log::info!(
+                    "state: not moved to new process {pid}: {cause}; this generation keeps it"
+                );
+                return Keep::No;
+            }
+            SenderEvent::Closed => {
+                log::info!(
+                    "state: not moved: new process {pid} closed the channel (it takes no state)"
+                );
+                return Keep::No;
+            }
+            SenderEvent::Committed => {}
+        }
+    }
+    Keep::Yes
+}
+
+/// One transaction: `items` at the negotiated version.
+fn send_items(sender: &mut Sender, items: Vec<Item>, pid: u32) -> Result<(), HandoverError> {
+    sender.begin()?;
+    for item in items {
+        let (name, version, len) = (item.name.clone(), item.version, item.payload.len());
+        match sender.push(item) {
+            Ok(()) => {
+                log::info!("state: sending {name:?} v{version} ({len} bytes) to new process {pid}")
+            }
+            Err(refused) => log::warn!("state: {refused}; this generation keeps it"),
+        }
+    }
+    sender.end()
+}
+
+/// The new generation after ready: the previous one's commit, then done.
+fn drive_receiving(receiver: &mut crate::handover::Receiver) -> Keep {
+    use crate::handover::ReceiverEvent;
+    for _ in 0..MAX_STATE_EVENTS {
+        match receiver.poll() {
+            Ok(None) if !receiver.is_finished() => return Keep::Yes,
+            Ok(Some(ReceiverEvent::Committed)) => {
+                log::debug!("state: the previous generation committed");
+                return Keep::No;
+            }
+            Ok(Some(ReceiverEvent::Aborted(e))) => {
+                log::info!("state: the previous generation did not commit: {e}");
+                return Keep::No;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return Keep::No,
+        }
+    }
+    Keep::Yes
+}
+
+/// After the upgrade: the commit, until it is in the socket.
+fn drive_commit(sender: &mut Sender) -> Keep {
+    for _ in 0..MAX_STATE_EVENTS {
+        match sender.poll() {
+            Ok(None) => return Keep::Yes,
+            Ok(Some(SenderEvent::Committed)) => {
+                log::info!("state: committed to the new generation");
+                return Keep::No;
+            }
+            Ok(Some(SenderEvent::Aborted { cause, .. })) => {
+                log::info!("state: commit not delivered: {cause}");
+                return Keep::No;
+            }
+            Ok(Some(_)) => {}
+            Err(e) => {
+                log::info!("state: commit not delivered: {e}");
+                return Keep::No;
+            }
+        }
+    }
+    Keep::Yes
 }
 
 #[cfg(test)]

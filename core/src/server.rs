@@ -153,6 +153,23 @@ impl<R: Runtime, L: Accept> Server<R, L> {
         self.on_ready = Some(Box::new(hook));
     }
 
+    /// What this generation moves to the next one at each upgrade, at the
+    /// negotiated state version (see [`Lifecycle::on_save_state`] and
+    /// [`Config::state_versions`]).
+    pub fn on_save_state(
+        &mut self,
+        save: impl FnMut(u32) -> Vec<crate::handover::Item> + Send + Sync + 'static,
+    ) {
+        self.lifecycle.on_save_state(save);
+    }
+
+    /// The state the previous generation moves to this one; blocks up to
+    /// `timeout`: call it before [`serve`](Self::serve) (see
+    /// [`Generation::receive_state`](crate::Generation::receive_state)).
+    pub fn receive_state(&self, timeout: Duration) -> Result<Vec<crate::handover::Item>, Error> {
+        self.lifecycle.generation().receive_state(timeout)
+    }
+
     /// A handle to ask this server for an upgrade or a stop from the
     /// application's own code.
     pub fn handle(&self) -> Handle {
@@ -262,10 +279,17 @@ impl<R: Runtime, L: Accept> Server<R, L> {
     async fn wait(&self) -> Wake {
         let lifecycle = &self.lifecycle;
         let mut waits: Vec<BoxFuture<'_, Wake>> = Vec::new();
-        for fd in lifecycle.watched().all() {
-            let readable = self.runtime.readable(fd);
+        let watched = lifecycle.watched();
+        for fd in watched.all() {
+            // One registration per fd: a writable wait also wakes on a
+            // hang-up or error, and the wake reads whatever came.
+            let ready = if watched.is_writable(fd) {
+                self.runtime.writable(fd)
+            } else {
+                self.runtime.readable(fd)
+            };
             waits.push(Box::pin(async move {
-                let _ = readable.await;
+                let _ = ready.await;
                 Wake::Something
             }));
         }

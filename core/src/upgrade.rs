@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use crate::handover::{self, Versions};
 use crate::protocol::{self, ProtocolError};
 use crate::sys::{self, Child, ExitStatus, SpawnMethod, SpawnPlan};
 
@@ -172,6 +173,11 @@ pub struct Upgrader {
     /// An fd number taken at start-up, below the connections to come, where
     /// the readiness fd is put for the spawn (see [`Upgrader::start`]).
     low_slot: Mutex<Option<OwnedFd>>,
+    /// The state versions this generation writes: with them, every spawn
+    /// gets a [handover] channel; without, none.
+    state_versions: Option<Versions>,
+    /// A second low slot, for the child's end of the handover channel.
+    state_slot: Mutex<Option<OwnedFd>>,
 }
 
 /// A successor as the generation watches it: its process, and the rest of
@@ -199,7 +205,18 @@ impl Upgrader {
             reaper: Arc::default(),
             successor: Arc::default(),
             low_slot: Mutex::new(sys::reserve_fd().ok()),
+            state_versions: None,
+            state_slot: Mutex::new(None),
         }
+    }
+
+    /// Offer every next generation a [handover] channel
+    /// for application state written at `versions` (none: no channel, as
+    /// before). Reserves a second low fd slot for the child's end.
+    pub fn with_state_versions(mut self, versions: Option<Versions>) -> Self {
+        self.state_versions = versions;
+        *lock(&self.state_slot) = versions.and_then(|_| sys::reserve_fd().ok());
+        self
     }
 
     /// Reap the killed children that have ended since, without waiting;
@@ -268,8 +285,26 @@ impl Upgrader {
         })?;
         let generation = protocol::next_generation(self.generation)?;
         let names: Vec<&str> = sockets.iter().map(|(name, _)| *name).collect();
-        let vars = protocol::child_vars(&names, generation)?;
+        let mut vars = protocol::child_vars(&names, generation)?;
         let (ready_read, ready_write) = sys::readiness_pipe().map_err(UpgradeError::Spawn)?;
+        // The state channel: our end stays here, the child's goes to it at
+        // 3 + sockets + 1, from a second low slot like the readiness fd.
+        let channel = match self.state_versions {
+            Some(_) => Some(handover::pair().map_err(UpgradeError::Spawn)?),
+            None => None,
+        };
+        let mut state_slot = channel.as_ref().and_then(|_| lock(&self.state_slot).take());
+        if let (Some(fd), Some((_, theirs))) = (state_slot.as_mut(), channel.as_ref()) {
+            if nix::unistd::dup3(theirs, fd, nix::fcntl::OFlag::O_CLOEXEC).is_err() {
+                state_slot = None;
+            }
+        }
+        if channel.is_some() {
+            vars.push((
+                protocol::BATON_HANDOVER_FD,
+                protocol::Passed::handover_fd_for(names.len()).to_string(),
+            ));
+        }
         // The write end goes to the child from the low slot, if we hold one:
         // the child then copies only the low end of our fd table (see
         // sys::spawn), however many connections are open above it.
@@ -290,6 +325,11 @@ impl Upgrader {
             env: child_env(&vars).map_err(UpgradeError::Spawn)?,
             sockets: sockets.iter().map(|(_, fd)| *fd).collect(),
             ready: slot.as_ref().map_or(ready_write.as_fd(), AsFd::as_fd),
+            handover: channel.as_ref().map(|(_, theirs)| {
+                state_slot
+                    .as_ref()
+                    .map_or(theirs.as_fd(), |fd: &OwnedFd| fd.as_fd())
+            }),
         };
         let spawned = sys::spawn(&plan);
         // Only the child may hold the write end, so that EOF means the
@@ -299,6 +339,16 @@ impl Upgrader {
         drop(slot);
         drop(ready_write);
         *lock(&self.low_slot) = sys::reserve_fd().ok();
+        // Likewise the child's end of the channel: only the child holds it,
+        // so that its death is an end of file on ours.
+        let ours = channel.map(|(ours, theirs)| {
+            drop(theirs);
+            ours
+        });
+        drop(state_slot);
+        if ours.is_some() {
+            *lock(&self.state_slot) = sys::reserve_fd().ok();
+        }
         let (child, method) = spawned.map_err(UpgradeError::Spawn)?;
         let pid = child.pid();
         self.running_pid.store(pid, Ordering::Release);
@@ -307,7 +357,11 @@ impl Upgrader {
             self.program.display()
         );
         let exit = child.pidfd().and_then(|fd| fd.try_clone_to_owned().ok());
+        let state = ours.zip(self.state_versions).map(|(end, versions)| {
+            handover::Sender::new(end, versions, handover::Limits::default())
+        });
         Ok(PendingUpgrade {
+            state,
             pid,
             exit,
             child: Some(child),
@@ -375,9 +429,21 @@ pub struct PendingUpgrade {
     timeout: Duration,
     settled: bool,
     running: RunningGuard,
+    /// Our end of the state channel, until the lifecycle takes it.
+    state: Option<handover::Sender>,
 }
 
 impl PendingUpgrade {
+    /// The old generation's end of the [handover] channel
+    /// to the child, when the generation declared state versions
+    /// ([`crate::Config::state_versions`]); once. Drive it (readable, and
+    /// writable while it [`wants_write`](handover::Sender::wants_write))
+    /// next to the readiness fd; commit after [`poll`](Self::poll) says
+    /// ready. Dropping it takes nothing from the upgrade.
+    pub fn take_state_sender(&mut self) -> Option<handover::Sender> {
+        self.state.take()
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.pid
@@ -785,6 +851,57 @@ mod tests {
     }
 
     #[test]
+    fn with_state_versions_the_child_gets_the_handover_end_after_the_readiness_fd() {
+        // One socket: ready at 4, the handover end at 5, a seqpacket socket.
+        let path = script(
+            "state.sh",
+            "if [ \"$BATON_HANDOVER_FD\" = 5 ] && [ -S /proc/self/fd/5 ]; then printf 1 >&4; \
+             else echo \"error: handover fd $BATON_HANDOVER_FD\" >&4; fi\nexec sleep 30",
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upgrader = upgrader(&path, Duration::from_secs(10))
+            .with_state_versions(Some(handover::Versions::single(1)));
+        let mut pending = upgrader.start(&[("http", listener.as_fd())]).unwrap();
+        let pid = pending.pid();
+        let mut sender = pending.take_state_sender().expect("a state channel");
+        assert!(pending.take_state_sender().is_none(), "taken once");
+        run(pending).unwrap();
+        end_successor(&upgrader, pid);
+        // The child held the only other copy of its end: its death is the
+        // end of the channel (bounded: one wait per round).
+        let mut gone = false;
+        for _ in 0..100 {
+            match sender.poll() {
+                Ok(Some(handover::SenderEvent::Closed))
+                | Err(handover::HandoverError::PeerGone) => {
+                    gone = true;
+                    break;
+                }
+                Ok(Some(other)) => panic!("unexpected {other:?}"),
+                Ok(None) => {
+                    sys::wait_readable(sender.as_fd(), Duration::from_secs(10)).unwrap();
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(gone, "the parent closed its copy of the child's end");
+    }
+
+    #[test]
+    fn without_state_versions_there_is_no_channel() {
+        let path = script(
+            "nostate.sh",
+            "if [ -z \"$BATON_HANDOVER_FD\" ]; then printf 1 >&3; else echo \"error: channel\" >&3; fi\nexec sleep 30",
+        );
+        let upgrader = upgrader(&path, Duration::from_secs(10));
+        let mut pending = upgrader.start(&[]).unwrap();
+        let pid = pending.pid();
+        assert!(pending.take_state_sender().is_none());
+        run(pending).unwrap();
+        end_successor(&upgrader, pid);
+    }
+
+    #[test]
     fn one_upgrade_at_a_time() {
         let path = script("hang.sh", "exec sleep 30");
         let upgrader = upgrader(&path, Duration::from_secs(10));
@@ -929,6 +1046,7 @@ mod tests {
             env: Vec::new(),
             sockets: Vec::new(),
             ready: write.as_fd(),
+            handover: None,
         };
         let (child, _) = sys::spawn(&plan).unwrap();
         let watch = sys::pidfd_open(child.pid()).unwrap();

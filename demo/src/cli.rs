@@ -90,6 +90,15 @@ pub struct Options {
     /// `ballast: SIZE allocated and touched` is logged when it is resident.
     #[arg(long, value_name = "SIZE", default_value = "0", value_parser = crate::ballast::parse_size)]
     pub ballast: crate::ballast::Size,
+    /// The version of the application state (the request count of
+    /// `/stats`) this generation reads and writes; it moves to the next
+    /// generation when both have the same. 0: move nothing.
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub state_version: u32,
+    /// Read --state-version from this file at start-up (every generation
+    /// re-reads it), to upgrade to a generation of another state version.
+    #[arg(long, value_name = "PATH")]
+    pub state_version_file: Option<PathBuf>,
     /// Keep a PID file here naming the process that serves: written by each
     /// generation once ready, removed at a graceful stop.
     #[arg(long, value_name = "PATH")]
@@ -207,6 +216,26 @@ impl Options {
                 [first, ..] => Ok(first),
             },
         }
+    }
+}
+
+impl Options {
+    /// The state version: from --state-version-file, else --state-version.
+    pub fn state_version(&self) -> Result<u32, String> {
+        let Some(path) = &self.state_version_file else {
+            return Ok(self.state_version);
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(64).read_to_string(&mut text))
+            .map_err(|e| format!("cannot read --state-version-file {}: {e}", path.display()))?;
+        text.trim().parse().map_err(|_| {
+            format!(
+                "--state-version-file {} holds no version: {:?}",
+                path.display(),
+                text.trim()
+            )
+        })
     }
 }
 

@@ -376,6 +376,7 @@ pub enum Action {
 
 /// Route a request. Pure function.
 pub fn handle(request: &Request, info: &ServerInfo) -> Action {
+    crate::stats::count();
     let method = request.method.as_str();
     if !matches!(method, "GET" | "POST" | "HEAD") {
         return Action::Respond(error_response(501));
@@ -386,12 +387,13 @@ pub fn handle(request: &Request, info: &ServerInfo) -> Action {
     let response = match path {
         "/" if get => text(200, hello_body(info)),
         "/health" if get => text(200, "ok\n".to_owned()),
+        "/stats" if get => text(200, format!("requests {}\n", crate::stats::total())),
         "/echo" if method == "POST" => Response {
             status: 200,
             content_type: "application/octet-stream",
             body: request.body.clone(),
         },
-        "/" | "/health" | "/echo" => error_response(405),
+        "/" | "/health" | "/echo" | "/stats" => error_response(405),
         _ => match path.strip_prefix("/sleep/") {
             Some(_) if !get => error_response(405),
             Some(ms) => match parse_sleep_ms(ms) {

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod control_client;
 pub mod http;
+pub mod stats;
 
 /// The server could not start or serve; the reason is already logged.
 #[derive(Debug)]
@@ -38,6 +39,7 @@ pub fn run(options: &cli::Options) -> Result<(), Failed> {
     // from the same version of it.
     let options = &config::apply(options).map_err(report)?;
     let backend = options.backend().map_err(report)?;
+    options.state_version().map_err(report)?;
     // One line per lifecycle event, from baton's libraries and the demo.
     baton_core::logger::init("baton-demo", backend);
     open_files(options.max_connections);

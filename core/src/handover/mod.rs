@@ -73,6 +73,28 @@
 //! readiness fd, at the fd named by
 //! [`BATON_HANDOVER_FD`](crate::protocol::BATON_HANDOVER_FD); the child
 //! takes it with [`End::from_inherited`].
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `BATON_HANDOVER_FD` | the child's end of the channel, at `3 + LISTEN_FDS + 1` (right after `BATON_READY_FD`); set only when the parent declared state versions |
+//!
+//! # Application state
+//!
+//! Wired in for state without connections: with
+//! [`Config::state_versions`](crate::Config::state_versions) the upgrader
+//! makes the pair at each spawn (the child's end from a second low fd
+//! slot, see [`crate::upgrade`]) and keeps a [`Sender`] in the
+//! [`PendingUpgrade`](crate::upgrade::PendingUpgrade). The
+//! [lifecycle](crate::lifecycle) drives it for every backend: on
+//! [`SenderEvent::Negotiated`] it calls the application's
+//! [`on_save_state`](crate::lifecycle::Lifecycle::on_save_state) and sends
+//! one transaction; once the new generation is ready (it prepared first) it
+//! commits. The new generation takes the items with
+//! [`Generation::receive_state`](crate::Generation::receive_state) before it
+//! reports ready, and keeps its end open so the commit lands. Blobs are
+//! copies: the new generation uses them once prepared; the commit only
+//! tells the old one the transaction is over. A generation that declared
+//! no versions closes an inherited end at once.
 
 mod channel;
 pub mod frame;

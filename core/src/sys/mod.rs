@@ -140,6 +140,28 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) ->
     Ok(poll(&mut fds, timeout)? > 0)
 }
 
+/// Wait up to `timeout` for `fd` to become readable (or writable too, with
+/// `write`), or to have an error or hang-up pending; false on timeout.
+/// Blocks: for a generation that serves nothing yet.
+pub(crate) fn wait_io(
+    fd: BorrowedFd<'_>,
+    write: bool,
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    let mut flags = PollFlags::POLLIN;
+    if write {
+        flags |= PollFlags::POLLOUT;
+    }
+    let mut fds = [PollFd::new(fd, flags)];
+    match poll(&mut fds, timeout) {
+        Ok(n) => Ok(n > 0),
+        Err(Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// True if nobody reads the pipe `fd` writes to any more (`POLLERR` on a
 /// write end): writing would raise `SIGPIPE`.
 pub(crate) fn reader_gone(fd: BorrowedFd<'_>) -> bool {

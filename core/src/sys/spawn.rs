@@ -25,8 +25,9 @@
 //! (`close_range(highest + 1, ~0, CLOSE_RANGE_UNSHARE)`, Linux 5.9; else
 //! `unshare(CLONE_FILES)`, a full copy), so it reads nothing from and
 //! changes nothing in the parent's table: everything it needs (the
-//! sockets, the readiness fd) is at or below `highest`. The caller keeps
-//! those fds low (the upgrader reserves a low slot for the readiness fd).
+//! sockets, the readiness fd, the handover end) is at or below `highest`.
+//! The caller keeps those fds low (the upgrader reserves a low slot for the
+//! readiness fd, and a second one for the handover end when state moves).
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -69,6 +70,9 @@ pub(crate) struct SpawnPlan<'a> {
     pub(crate) sockets: Vec<BorrowedFd<'a>>,
     /// Write end of the readiness pipe; becomes fd `3 + sockets.len()`.
     pub(crate) ready: BorrowedFd<'a>,
+    /// The child's end of the handover channel, if any; becomes fd
+    /// `3 + sockets.len() + 1` ([`crate::protocol::Passed::handover_fd_for`]).
+    pub(crate) handover: Option<BorrowedFd<'a>>,
 }
 
 /// Room for `LISTEN_PID=` and the decimal digits of any pid, NUL-terminated.
@@ -105,6 +109,9 @@ struct ChildArgs {
     /// Room for `sources_len` fds: the child's copies of the sources,
     /// moved above the target range. Written only by the child.
     moved: *mut RawFd,
+    /// Where the readiness fd ends up: `3 + sockets`, also where an exec
+    /// failure is reported.
+    ready_target: RawFd,
     /// The highest signal number, read before the clone.
     max_signal: libc::c_int,
 }
@@ -119,13 +126,16 @@ pub(crate) fn spawn(plan: &SpawnPlan<'_>) -> io::Result<(Child, SpawnMethod)> {
 
 /// [`spawn`], with `vfork: false` to force the fallback (for measuring it).
 pub(crate) fn spawn_with(plan: &SpawnPlan<'_>, vfork: bool) -> io::Result<(Child, SpawnMethod)> {
-    // The child moves these above its target range itself (see child_main).
+    // The child moves these above its target range itself (see child_main):
+    // source i becomes fd 3 + i.
     let raw_sources: Vec<RawFd> = plan
         .sockets
         .iter()
         .chain(std::iter::once(&plan.ready))
+        .chain(plan.handover.as_ref())
         .map(AsRawFd::as_raw_fd)
         .collect();
+    let ready_target = 3 + plan.sockets.len() as RawFd;
     let mut moved: Vec<RawFd> = vec![-1; raw_sources.len()];
 
     let mut pid_slot = [0u8; PID_SLOT_LEN];
@@ -145,6 +155,7 @@ pub(crate) fn spawn_with(plan: &SpawnPlan<'_>, vfork: bool) -> io::Result<(Child
         sources: raw_sources.as_ptr(),
         sources_len: raw_sources.len(),
         moved: moved.as_mut_ptr(),
+        ready_target,
         max_signal: libc::SIGRTMAX(),
     };
     // u128 for the 16-byte alignment the ABI wants of a stack pointer.
@@ -289,7 +300,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
     }
-    let ready_target = sources.len() as RawFd + 2; // 3 + (sources.len() - 1)
+    let ready_target = args.ready_target;
     for (i, &src) in moved.iter().enumerate() {
         // dup2 onto the target clears FD_CLOEXEC there: these, and only
         // these, cross the exec.
@@ -301,7 +312,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
     }
-    close_from(ready_target + 1);
+    close_from(first_free);
 
     // A clean slate for the next program: every disposition back to
     // SIG_DFL (an ignored SIGCHLD or SIGPIPE would otherwise cross exec, a
@@ -471,6 +482,7 @@ mod tests {
             env: Vec::new(),
             sockets: Vec::new(),
             ready,
+            handover: None,
         }
     }
 

@@ -68,6 +68,11 @@ pub fn run(options: &Options) -> Result<(), Failed> {
             return Err(failed(&message));
         }
     };
+    super::restore_state(
+        |t| baton.receive_state(t).map_err(|e| e.to_string()),
+        options,
+    );
+    baton.on_save_state(crate::stats::save);
     baton.ready().map_err(|e| failed(&e))?;
     // After "ready": a new generation's own cache must not delay the handover.
     let delay = super::ballast_delay(baton.generation(), options);

@@ -25,6 +25,9 @@ pub fn config(options: &Options) -> Config {
         .successor_watch(options.successor_watch)
         .idle_grace(options.idle_grace)
         .max_connections(options.max_connections);
+    if let Ok(version @ 1..) = options.state_version() {
+        config = config.state_versions(baton_core::handover::Versions::single(version));
+    }
     if let Some(path) = &options.next_binary {
         config = config.program(path);
     }
@@ -35,6 +38,18 @@ pub fn config(options: &Options) -> Config {
         config = config.control(path);
     }
     config
+}
+
+/// Take the request count the previous generation moved, before ready.
+/// Without it (an error, a timeout), this generation counts from 0.
+pub fn restore_state(
+    receive: impl FnOnce(std::time::Duration) -> Result<Vec<baton_core::handover::Item>, String>,
+    options: &Options,
+) {
+    match receive(options.upgrade_timeout) {
+        Ok(items) => crate::stats::restore(&items),
+        Err(e) => log::warn!("state: {e}; counting from 0"),
+    }
 }
 
 /// When a generation fills its `--ballast`: at once when started by hand,

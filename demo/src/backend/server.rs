@@ -56,6 +56,11 @@ where
             })
             .map_err(failed)?;
     }
+    super::restore_state(
+        |t| server.receive_state(t).map_err(|e| e.to_string()),
+        options,
+    );
+    server.on_save_state(crate::stats::save);
     // After "ready": a new generation's own cache must not delay the handover.
     let (ballast, delay) = (
         options.ballast,
