@@ -131,7 +131,8 @@ pub struct Config {
     /// A PID file naming the serving process: written when a generation is
     /// ready, removed at a graceful stop. Default: none.
     pub pid_file: Option<PathBuf>,
-    /// The drain deadline, the successor watch and the force grace.
+    /// The drain deadline, the successor watch, the idle grace and the
+    /// force grace.
     pub timeouts: Timeouts,
     /// A control socket (a Unix socket, mode 0600, handed to every next
     /// generation) for `batonctl upgrade|status|stop`. Default: none.
