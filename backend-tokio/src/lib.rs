@@ -103,10 +103,11 @@ impl Runtime for Tokio {
 fn ready(fd: BorrowedFd<'_>, interest: Interest) -> BoxFuture<'_, io::Result<()>> {
     Box::pin(async move {
         // tokio deprecated this constructor because an arbitrary `AsRawFd`
-        // may close its fd while registered; its replacement is `unsafe`,
-        // which this crate forbids. Here the fd is borrowed (`BorrowedFd<'_>`)
-        // for longer than the `AsyncFd` lives, and `Watch` never closes it:
-        // the condition the replacement's contract asks for holds.
+        // may close its fd while registered; its replacement cannot be
+        // called under this crate's `forbid(unsafe_code)`. Here the fd is
+        // borrowed (`BorrowedFd<'_>`) for longer than the `AsyncFd` lives,
+        // and `Watch` never closes it: the condition the replacement's
+        // contract asks for holds.
         #[allow(deprecated)]
         let watch = AsyncFd::with_interest(Watch(fd.as_raw_fd()), interest)?;
         let _guard = watch.ready(interest).await?;
