@@ -452,25 +452,8 @@ fn available_backends(text: &str) -> Option<Vec<String>> {
     )
 }
 
-/// `250ms`, `10s`, `2m`, or a number of seconds: the demo's own duration
-/// syntax (a copy of `baton_demo::cli::parse_duration`, so the bench does
-/// not depend on the demo).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 250ms, 10s or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(number)),
-        "" | "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number.saturating_mul(60))),
-        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
-    }
-}
+/// One duration parser for every baton tool: `250ms`, `10s`, `2m`, bounded.
+pub use baton_core::duration::parse_duration;
 
 /// What one run measured.
 #[derive(Debug)]
@@ -1354,16 +1337,6 @@ mod tests {
             available_backends("error: unexpected argument '--backend'\n"),
             None
         );
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("10h").is_err());
-        assert!(parse_duration("ms").is_err());
     }
 
     #[test]

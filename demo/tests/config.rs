@@ -14,6 +14,7 @@
 mod common;
 
 use testkit::per_backend;
+use testkit::steps::assert_no_failures;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -200,16 +201,7 @@ fn reload_switches_listeners_and_backend(backend: &str) {
     );
 
     let report = load.stop();
-    server.check(
-        report.failed() == 0,
-        format_args!(
-            "{} failed requests on `http` across the reload ({} ok): {:?}\nsamples:\n{}",
-            report.failed(),
-            report.ok,
-            report.failures,
-            report.failure_samples.join("\n")
-        ),
-    );
+    assert_no_failures(&server, &report, "on `http` across the reload");
     server.check(
         report.per_generation.get(&1).is_some_and(|&n| n > 0),
         format_args!(

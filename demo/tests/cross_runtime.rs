@@ -16,6 +16,7 @@ use std::time::Duration;
 use common::{get, Server, TempDir, BINARY, LINE_TIMEOUT};
 use nix::sys::signal::Signal;
 use testkit::load::{Load, LoadConfig};
+use testkit::steps::assert_no_failures;
 
 /// The backend `pid` logged its `serving` line with, waiting for the line
 /// if it has not come yet (a new generation may log it after its parent
@@ -106,16 +107,7 @@ fn tokio_hands_over_to_smol_and_back_under_load() {
     }
     let report = load.stop();
 
-    server.check(
-        report.failed() == 0,
-        format_args!(
-            "{} failed requests across the runtime switches ({} ok): {:?}\nsamples:\n{}",
-            report.failed(),
-            report.ok,
-            report.failures,
-            report.failure_samples.join("\n")
-        ),
-    );
+    assert_no_failures(&server, &report, "across the runtime switches");
     // Generation 0 and 2 are tokio, 1 is smol: the load saw all three.
     for generation in 0..=2 {
         server.check(

@@ -181,6 +181,7 @@ mod cross_runtime {
     use testkit::load::{Load, LoadConfig};
 
     use super::common::{get, Server, TempDir, BINARY, LINE_TIMEOUT};
+    use testkit::steps::assert_no_failures;
 
     /// The backend `pid` logged its `serving` line with.
     fn backend_of(server: &mut Server, pid: u32) -> String {
@@ -257,16 +258,7 @@ mod cross_runtime {
             let_load_run(&load, &server, 200);
         }
         let report = load.stop();
-        server.check(
-            report.failed() == 0,
-            format_args!(
-                "{} failed requests across {route:?} ({} ok): {:?}\nsamples:\n{}",
-                report.failed(),
-                report.ok,
-                report.failures,
-                report.failure_samples.join("\n")
-            ),
-        );
+        assert_no_failures(&server, &report, &format!("across {route:?}"));
         for generation in 0..=route.len() as u64 {
             server.check(
                 report

@@ -23,6 +23,7 @@
 mod common;
 
 use testkit::per_backend;
+use testkit::steps::assert_no_failures;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -292,16 +293,7 @@ fn socket_activated_upgrades_under_load(backend: &str) {
         );
     }
     let report = load.stop();
-    server.check(
-        report.failed() == 0,
-        format_args!(
-            "{} failed requests ({} ok): {:?}\n{}",
-            report.failed(),
-            report.ok,
-            report.failures,
-            report.failure_samples.join("\n")
-        ),
-    );
+    assert_no_failures(&server, &report, "under load");
     server.check(
         report.per_generation.len() >= 3,
         format_args!("responses per generation: {:?}", report.per_generation),

@@ -24,6 +24,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 use testkit::per_backend;
+use testkit::steps::assert_no_failures;
 
 use common::{get, Conn, Server, BINARY, LINE_TIMEOUT, REQUEST_TIMEOUT};
 use nix::sys::signal::Signal;
@@ -254,16 +255,7 @@ fn upgrade_three_times_under_load(server: &mut Server, addrs: &[SocketAddr]) {
     }
     for (load, addr) in loads.into_iter().zip(addrs) {
         let report = load.stop();
-        server.check(
-            report.failed() == 0,
-            format_args!(
-                "{addr}: {} failed requests ({} ok): {:?}\n{}",
-                report.failed(),
-                report.ok,
-                report.failures,
-                report.failure_samples.join("\n")
-            ),
-        );
+        assert_no_failures(server, &report, &format!("on {addr}"));
         server.check(
             report.per_generation.len() >= 3,
             format_args!(

@@ -12,6 +12,7 @@
 mod common;
 
 use testkit::per_backend;
+use testkit::steps::assert_no_failures;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -135,16 +136,7 @@ fn unix_socket_storm(backend: &str) {
         report.failed(),
         report.per_generation
     );
-    server.check(
-        report.failed() == 0,
-        format_args!(
-            "{} failed requests on the Unix socket ({} ok): {:?}\n{}",
-            report.failed(),
-            report.ok,
-            report.failures,
-            report.failure_samples.join("\n")
-        ),
-    );
+    assert_no_failures(&server, &report, "on the Unix socket");
     server.check(
         report.per_generation.len() as u64 > UPGRADES / 2
             && report.per_generation.contains_key(&UPGRADES),
