@@ -43,8 +43,8 @@ use async_executor::Executor;
 use async_io::{Async, Timer};
 use baton_core::runtime::{BoxFuture, Runtime};
 
-pub use baton_core::logger;
 pub use baton_core::server::Handle;
+pub use baton_core::{handover, logger};
 pub use baton_core::{
     Config, Connection, DrainReport, Error, ListenAddr, Origin, StopReason, StopToken, Tracker,
     UpgradeError, Upgraded,

@@ -7,6 +7,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use async_io::Async;
+use std::os::fd::OwnedFd;
+
+use baton_core::handover::{take_stream, Item, MovedStream};
 use baton_core::{ListenSocket, ListenerHandoff};
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use futures_lite::ready;
@@ -82,6 +85,30 @@ pub enum Stream {
     Tcp(Async<TcpStream>),
     /// Unix stream socket.
     Unix(Async<UnixStream>),
+}
+
+impl Stream {
+    /// The socket as an fd, to move the connection to the next generation
+    /// ([`baton_core::Connection::offer`]): async-io stops watching it, so
+    /// this generation reads nothing more from it.
+    pub fn into_fd(self) -> io::Result<OwnedFd> {
+        Ok(match self {
+            Stream::Tcp(stream) => stream.into_inner()?.into(),
+            Stream::Unix(stream) => stream.into_inner()?.into(),
+        })
+    }
+
+    /// The connection `item` moved here (its one fd), as an async-io
+    /// stream.
+    pub fn from_moved(item: &mut Item) -> io::Result<Stream> {
+        match take_stream(item)? {
+            MovedStream::Tcp(stream) => {
+                stream.set_nodelay(true)?;
+                Async::new_nonblocking(stream).map(Stream::Tcp)
+            }
+            MovedStream::Unix(stream) => Async::new_nonblocking(stream).map(Stream::Unix),
+        }
+    }
 }
 
 impl AsyncRead for Stream {

@@ -52,8 +52,8 @@ use baton_core::runtime::{BoxFuture, Runtime};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-pub use baton_core::logger;
 pub use baton_core::server::Handle;
+pub use baton_core::{handover, logger};
 pub use baton_core::{
     Config, Connection, DrainReport, Error, ListenAddr, Origin, StopReason, StopToken, Tracker,
     UpgradeError, Upgraded,

@@ -4,6 +4,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::os::fd::OwnedFd;
+
+use baton_core::handover::{take_stream, Item, MovedStream};
 use baton_core::{ListenSocket, ListenerHandoff};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -76,6 +79,35 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix stream socket.
     Unix(UnixStream),
+}
+
+impl Stream {
+    /// The socket as an fd, to move the connection to the next generation
+    /// ([`baton_core::Connection::offer`]): tokio stops watching it, so
+    /// this generation reads nothing more from it.
+    pub fn into_fd(self) -> io::Result<OwnedFd> {
+        Ok(match self {
+            Stream::Tcp(stream) => stream.into_std()?.into(),
+            Stream::Unix(stream) => stream.into_std()?.into(),
+        })
+    }
+
+    /// The connection `item` moved here (its one fd), as a tokio stream.
+    /// Inside a tokio runtime only (an error outside one).
+    pub fn from_moved(item: &mut Item) -> io::Result<Stream> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other(
+                "baton-tokio streams must be created inside a tokio runtime",
+            ));
+        }
+        match take_stream(item)? {
+            MovedStream::Tcp(stream) => {
+                stream.set_nodelay(true)?;
+                TcpStream::from_std(stream).map(Stream::Tcp)
+            }
+            MovedStream::Unix(stream) => UnixStream::from_std(stream).map(Stream::Unix),
+        }
+    }
 }
 
 impl AsyncRead for Stream {

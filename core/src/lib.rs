@@ -108,5 +108,5 @@ pub use listeners::{ListenAddr, ListenSocket, ListenerHandoff, Origin, BACKLOG};
 pub use protocol::clear_inherited_env;
 pub use stop::{StopReason, StopToken};
 pub use sys::{ExitStatus, SpawnMethod};
-pub use tracker::{Connection, DrainReport, Tracker};
+pub use tracker::{Connection, DrainReport, Offer, Tracker};
 pub use upgrade::{PendingUpgrade, UpgradeError, Upgraded, Upgrader};

@@ -31,7 +31,14 @@
 //!   version, the items of [`Lifecycle::on_save_state`] are sent, and
 //!   committed once the upgrade succeeded; on any failure this generation
 //!   keeps them and the upgrade goes on without them (`state: …` lines say
-//!   why).
+//!   why);
+//! - open connections move too ([`Lifecycle::move_connections`]): once the
+//!   state is committed, the same channel stays open, and connections the
+//!   application offers at safe points ([`crate::Connection::offer`]) go
+//!   over in further transactions; committed, they are the new
+//!   generation's ([`Event::Moved`] there); if a move fails they come back
+//!   ([`Event::Unmoved`]) and drain here as without a handover
+//!   (`moves: …` lines say why).
 //!
 //! Every lifecycle line is logged at `info` (or `warn`) through `log`, in the
 //! words the demo prints: `upgrade started: new process P`, `upgrade done:
@@ -43,9 +50,9 @@ use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use crate::generation::{Generation, Successor, SuccessorWatch};
-use crate::handover::{HandoverError, Item, Sender, SenderEvent};
+use crate::handover::{HandoverError, Item, Receiver, ReceiverEvent, Sender, SenderEvent};
 use crate::stop::StopReason;
-use crate::tracker::DrainReport;
+use crate::tracker::{Connection, DrainReport, Offer};
 use crate::upgrade::{PendingUpgrade, UpgradeError, Upgraded};
 use crate::ExitStatus;
 
@@ -54,6 +61,11 @@ pub const FORCE_GRACE: Duration = Duration::from_secs(1);
 
 /// How often unreaped children of failed upgrades are checked again.
 const REAP_RETRY: Duration = Duration::from_millis(50);
+
+/// How long [`Lifecycle::ready`] waits for the previous generation's state
+/// when the application did not take it with
+/// [`Generation::receive_state`] first.
+const STATE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The lifecycle's settings, beyond what [`crate::Config`] gives the
 /// generation.
@@ -156,6 +168,14 @@ pub enum Event {
     /// The successor died while this generation drained: serve again,
     /// accepting on listeners from [`Generation::reopen`].
     Resume,
+    /// Connections the previous generation moved here, committed: serve
+    /// each (the item's name is its kind, its fds hold the socket) with a
+    /// new guard from this generation's tracker.
+    Moved(Vec<Item>),
+    /// Connections offered to the next generation that did not move (it
+    /// refused or died, the move failed, or moves had ended): serve them
+    /// on, whole, as before the offer; they drain as without a handover.
+    Unmoved(Vec<Offer>),
     /// Every connection closed (or was forced) and the watch is over: exit.
     Exit(DrainReport),
 }
@@ -171,7 +191,8 @@ pub struct Watched<'a> {
     pub upgrade: Vec<BorrowedFd<'a>>,
     /// The successor's exit and hand-over fds, while it is watched.
     pub successor: Vec<BorrowedFd<'a>>,
-    /// The state channel to the next generation, while state moves.
+    /// The state channels: to the next generation while state or
+    /// connections move, from the previous one while they arrive.
     pub state: Vec<BorrowedFd<'a>>,
     /// Fds of [`all`](Self::all) to watch for writability too (the state
     /// channel while frames wait for room). A reactor that registers an fd
@@ -226,6 +247,27 @@ impl std::fmt::Debug for SaveState {
     }
 }
 
+/// After a successful upgrade: the channel to the new generation, for the
+/// state's commit and then for connections.
+#[derive(Debug)]
+struct Moving {
+    sender: Sender,
+    /// The new generation.
+    pid: u32,
+    /// The guards of the connections in the open transaction, in the order
+    /// of their items.
+    in_flight: Vec<Connection>,
+}
+
+/// After ready: the channel from the previous generation, for its commit
+/// and then for connections.
+#[derive(Debug)]
+struct Receiving {
+    receiver: Receiver,
+    /// Connections prepared and waiting for the commit.
+    held: Vec<Item>,
+}
+
 /// What driving the state channel left to do with it.
 #[derive(Debug, PartialEq, Eq)]
 enum Keep {
@@ -268,13 +310,14 @@ pub struct Lifecycle {
     /// Killed children of failed upgrades not reaped yet.
     unreaped: usize,
     save_state: Option<SaveState>,
-    /// After a successful upgrade: the state channel until the commit is
-    /// in the socket.
-    committing: Option<Sender>,
+    /// The kinds of connection this generation moves and resumes.
+    move_kinds: Vec<String>,
+    /// After a successful upgrade: the channel to the new generation.
+    moving: Option<Moving>,
     /// Whether the state channel was last watched for writability.
     state_writable: bool,
-    /// The state received from the previous generation, until its commit.
-    receiving: Option<crate::handover::Receiver>,
+    /// After ready: the channel from the previous generation.
+    receiving: Option<Receiving>,
 }
 
 impl Lifecycle {
@@ -295,7 +338,8 @@ impl Lifecycle {
             epoch: 0,
             unreaped: 0,
             save_state: None,
-            committing: None,
+            move_kinds: Vec::new(),
+            moving: None,
             state_writable: false,
             receiving: None,
         }
@@ -307,6 +351,17 @@ impl Lifecycle {
     /// this one still serves. Without it, an empty transaction is sent.
     pub fn on_save_state(&mut self, save: impl FnMut(u32) -> Vec<Item> + Send + Sync + 'static) {
         self.save_state = Some(SaveState(Box::new(save)));
+    }
+
+    /// Move open connections of these kinds at each upgrade, and take
+    /// those of the previous generation: the application offers them
+    /// ([`crate::Connection::offer`], the item named by the kind) and
+    /// serves them on [`Event::Moved`] and [`Event::Unmoved`]. Needs
+    /// [`crate::Config::state_versions`]: the connections' state is
+    /// written at the negotiated version. A kind the next generation does
+    /// not resume makes it refuse the move: those connections drain here.
+    pub fn move_connections(&mut self, kinds: impl IntoIterator<Item = impl Into<String>>) {
+        self.move_kinds = kinds.into_iter().map(Into::into).collect();
     }
 
     /// Act on `SIGHUP` (upgrade), `SIGTERM` and `SIGINT` (stop): their
@@ -326,12 +381,24 @@ impl Lifecycle {
 
     /// Tell the parent (and systemd) that this generation serves.
     pub fn ready(&mut self) -> Result<(), crate::Error> {
+        // State the application did not take: prepared and dropped, so the
+        // channel is ready for connections.
+        match self.generation.receive_state(STATE_TIMEOUT) {
+            Ok(items) if !items.is_empty() => log::warn!(
+                "state: {} items received and not taken by the application",
+                items.len()
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("state: {e}"),
+        }
         self.generation.ready()?;
         log::info!("serving");
-        // Watch for the previous generation's commit, then let the
-        // channel go.
+        // Watch for the previous generation's commit, then for connections.
         if let Some(receiver) = self.generation.take_state_receiver() {
-            self.receiving = Some(receiver);
+            self.receiving = Some(Receiving {
+                receiver,
+                held: Vec::new(),
+            });
             self.epoch += 1;
             self.poll_state();
         }
@@ -364,17 +431,12 @@ impl Lifecycle {
                 .push(std::os::fd::AsFd::as_fd(&upgrade.pending));
             watched.upgrade.extend(upgrade.pending.exit_fd());
         }
-        let state = self
-            .upgrade
-            .as_ref()
-            .and_then(|u| u.state.as_ref())
-            .map(|s| &s.sender)
-            .into_iter()
-            .chain(&self.committing);
-        if let Some(receiver) = &self.receiving {
-            watched.state.push(std::os::fd::AsFd::as_fd(receiver));
+        if let Some(receiving) = &self.receiving {
+            watched
+                .state
+                .push(std::os::fd::AsFd::as_fd(&receiving.receiver));
         }
-        for sender in state {
+        for sender in self.senders() {
             watched.state.push(std::os::fd::AsFd::as_fd(sender));
             if sender.wants_write() {
                 watched.writable.push(std::os::fd::AsFd::as_fd(sender));
@@ -462,13 +524,17 @@ impl Lifecycle {
             next
         });
         let reap = (self.unreaped > 0).then(|| now + REAP_RETRY);
-        [upgrade, drain, reap].into_iter().flatten().min()
+        // Offers to send, or to give back: now.
+        let offers =
+            (self.generation.tracker().has_offers() && self.can_take_offers()).then_some(now);
+        [upgrade, drain, reap, offers].into_iter().flatten().min()
     }
 
     /// Time passed: the upgrade timeout, the drain deadline and its grace,
     /// the end of the watch, reaping. Also call it when connections close
     /// during the drain (the async driver waits on the tracker for that).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.poll_state();
         let timed_out = self
             .upgrade
             .as_ref()
@@ -572,30 +638,93 @@ impl Lifecycle {
                 }
             }
         }
-        if let Some(receiver) = self.receiving.as_mut() {
-            if drive_receiving(receiver) == Keep::No {
+        if let Some(receiving) = self.receiving.as_mut() {
+            let moves = !self.move_kinds.is_empty();
+            if drive_receiving(receiving, &self.move_kinds, &mut self.events) == Keep::No
+                || (!moves && receiving.receiver.version().is_some() && is_between(receiving))
+            {
                 self.receiving = None;
                 self.epoch += 1;
             }
         }
-        if let Some(sender) = self.committing.as_mut() {
-            if drive_commit(sender) == Keep::No {
-                self.committing = None;
-                self.epoch += 1;
-            }
-        }
-        let writable = self
-            .upgrade
-            .as_ref()
-            .and_then(|u| u.state.as_ref())
-            .map(|s| &s.sender)
-            .into_iter()
-            .chain(&self.committing)
-            .any(Sender::wants_write);
+        self.poll_moves();
+        let writable = self.senders().any(Sender::wants_write);
         if writable != self.state_writable {
             self.state_writable = writable;
             self.epoch += 1;
         }
+    }
+
+    /// The senders of the state channels to the next generation.
+    fn senders(&self) -> impl Iterator<Item = &Sender> {
+        self.upgrade
+            .as_ref()
+            .and_then(|u| u.state.as_ref())
+            .map(|s| &s.sender)
+            .into_iter()
+            .chain(self.moving.as_ref().map(|m| &m.sender))
+    }
+
+    /// True if offered connections can be acted on now: sent in a new
+    /// transaction, or given back because nothing takes them.
+    fn can_take_offers(&self) -> bool {
+        self.moving
+            .as_ref()
+            .is_none_or(|m| m.sender.can_begin() || m.sender.is_finished())
+    }
+
+    /// Drive the channel to the new generation after the upgrade: the
+    /// state's commit, then moves of the connections offered.
+    fn poll_moves(&mut self) {
+        let tracker = self.generation.tracker().clone();
+        if let Some(moving) = self.moving.as_mut() {
+            let moves = !self.move_kinds.is_empty();
+            if drive_moving(moving, moves, &mut self.events) == Keep::No {
+                tracker.close_moves();
+                self.moving = None;
+                self.epoch += 1;
+            }
+        }
+        if !tracker.has_offers() || !self.can_take_offers() {
+            return;
+        }
+        let offers = tracker.take_offers();
+        let Some(moving) = self
+            .moving
+            .as_mut()
+            .filter(|_| tracker.move_version().is_some())
+        else {
+            self.events.push_back(Event::Unmoved(offers));
+            return;
+        };
+        let (count, pid) = (offers.len(), moving.pid);
+        if let Err(e) = moving.sender.begin() {
+            log::info!("moves: {e}; {count} connections stay");
+            self.events.push_back(Event::Unmoved(offers));
+            return;
+        }
+        let mut refused = Vec::new();
+        for Offer { item, conn } in offers {
+            match moving.sender.push(item) {
+                Ok(()) => moving.in_flight.push(conn),
+                Err(r) => {
+                    log::warn!("moves: {r}; that connection stays");
+                    refused.push(Offer { item: r.item, conn });
+                }
+            }
+        }
+        if !refused.is_empty() {
+            self.events.push_back(Event::Unmoved(refused));
+        }
+        log::debug!(
+            "moves: offering {} connections to new process {pid}",
+            moving.in_flight.len()
+        );
+        if let Err(e) = moving.sender.end() {
+            log::info!("moves: {e}");
+        }
+        // Frames may be queued now: watch for writability.
+        self.epoch += 1;
     }
 
     /// The upgrade settled: commit the state if it succeeded and the new
@@ -614,7 +743,18 @@ impl Lifecycle {
         match result {
             Ok(_) if state.prepared => match state.sender.commit() {
                 Ok(()) => {
-                    self.committing = Some(state.sender);
+                    // Connections may move from now on: offers wait in the
+                    // tracker until the commit is in the socket.
+                    if let (false, Some(version)) =
+                        (self.move_kinds.is_empty(), state.sender.version())
+                    {
+                        self.generation.tracker().open_moves(version);
+                    }
+                    self.moving = Some(Moving {
+                        sender: state.sender,
+                        pid,
+                        in_flight: Vec::new(),
+                    });
                     self.poll_state();
                 }
                 Err(e) => log::warn!("state: not moved to new process {pid}: commit: {e}"),
@@ -752,6 +892,8 @@ impl Lifecycle {
         if self.generation.tracker().open() > 0 {
             log::info!("{why}");
         }
+        // Offers from now on come back, to be closed.
+        self.generation.tracker().close_moves();
         self.generation.tracker().force_close();
         drain.give_up = Some(now.checked_add(self.timeouts.force_grace).unwrap_or(now));
         self.events.push_back(Event::ForceClose);
@@ -846,6 +988,7 @@ impl Lifecycle {
         );
         self.drain = None;
         self.epoch += 1;
+        self.generation.tracker().close_moves();
         self.generation.resume(status);
         self.events.push_back(Event::Resume);
     }
@@ -912,45 +1055,109 @@ fn send_items(sender: &mut Sender, items: Vec<Item>, pid: u32) -> Result<(), Han
     sender.end()
 }
 
-/// The new generation after ready: the previous one's commit, then done.
-fn drive_receiving(receiver: &mut crate::handover::Receiver) -> Keep {
-    use crate::handover::ReceiverEvent;
+/// True between transactions (nothing held, nothing being received).
+fn is_between(receiving: &Receiving) -> bool {
+    receiving.held.is_empty() && receiving.receiver.can_begin()
+}
+
+/// The new generation after ready: the previous one's commit, then (when
+/// this one moves connections) transactions of connections.
+fn drive_receiving(
+    receiving: &mut Receiving,
+    kinds: &[String],
+    events: &mut VecDeque<Event>,
+) -> Keep {
     for _ in 0..MAX_STATE_EVENTS {
-        match receiver.poll() {
-            Ok(None) if !receiver.is_finished() => return Keep::Yes,
-            Ok(Some(ReceiverEvent::Committed)) => {
-                log::debug!("state: the previous generation committed");
-                return Keep::No;
-            }
-            Ok(Some(ReceiverEvent::Aborted(e))) => {
-                log::info!("state: the previous generation did not commit: {e}");
-                return Keep::No;
-            }
-            Ok(Some(_)) => {}
+        let event = match receiving.receiver.poll() {
+            Ok(None) if !receiving.receiver.is_finished() => return Keep::Yes,
+            Ok(Some(event)) => event,
             Ok(None) | Err(_) => return Keep::No,
+        };
+        match event {
+            ReceiverEvent::Committed if receiving.held.is_empty() => {
+                log::debug!("state: the previous generation committed");
+            }
+            ReceiverEvent::Committed => {
+                let moved = std::mem::take(&mut receiving.held);
+                log::debug!("moves: {} connections committed here", moved.len());
+                events.push_back(Event::Moved(moved));
+            }
+            ReceiverEvent::Transaction { items, .. } => {
+                if let Some(item) = items.iter().find(|i| !kinds.contains(&i.name)) {
+                    let reason = format!("no resume for connections of kind {:?}", item.name);
+                    log::info!("moves: refused: {reason}");
+                    let _ = receiving.receiver.abort(&reason);
+                    return Keep::No;
+                }
+                if let Err(e) = receiving.receiver.prepared() {
+                    log::info!("moves: {e}");
+                    return Keep::No;
+                }
+                receiving.held = items;
+            }
+            ReceiverEvent::Aborted(e) => {
+                let dropped = std::mem::take(&mut receiving.held).len();
+                log::info!("moves: the previous generation did not commit ({e}); {dropped} connections stay there");
+                return Keep::No;
+            }
+            ReceiverEvent::Negotiated(_) => {}
+            ReceiverEvent::Closed => return Keep::No,
         }
     }
     Keep::Yes
 }
 
-/// After the upgrade: the commit, until it is in the socket.
-fn drive_commit(sender: &mut Sender) -> Keep {
+/// The old generation after the upgrade: the state's commit, then each
+/// move of connections: commit what the new generation prepared, let go of
+/// what it committed, give back what did not move.
+fn drive_moving(moving: &mut Moving, moves: bool, events: &mut VecDeque<Event>) -> Keep {
+    let pid = moving.pid;
     for _ in 0..MAX_STATE_EVENTS {
-        match sender.poll() {
+        let event = match moving.sender.poll() {
             Ok(None) => return Keep::Yes,
-            Ok(Some(SenderEvent::Committed)) => {
-                log::info!("state: committed to the new generation");
-                return Keep::No;
-            }
-            Ok(Some(SenderEvent::Aborted { cause, .. })) => {
-                log::info!("state: commit not delivered: {cause}");
-                return Keep::No;
-            }
-            Ok(Some(_)) => {}
+            Ok(Some(event)) => event,
             Err(e) => {
-                log::info!("state: commit not delivered: {e}");
+                log::info!("moves: channel to new process {pid}: {e}");
                 return Keep::No;
             }
+        };
+        match event {
+            SenderEvent::Committed if moving.in_flight.is_empty() => {
+                log::info!("state: committed to the new generation");
+                if !moves {
+                    return Keep::No;
+                }
+            }
+            SenderEvent::Committed => {
+                let count = moving.in_flight.len();
+                for mut conn in moving.in_flight.drain(..) {
+                    conn.set_moved();
+                }
+                log::info!("moved {count} connections to new process {pid}");
+            }
+            SenderEvent::Prepared => {
+                if let Err(e) = moving.sender.commit() {
+                    log::info!("moves: commit: {e}");
+                }
+            }
+            SenderEvent::Aborted { cause, items } => {
+                let count = items.len();
+                log::info!(
+                    "moves: not moved to new process {pid}: {cause}; {count} connections stay"
+                );
+                let offers = items
+                    .into_iter()
+                    .zip(moving.in_flight.drain(..))
+                    .map(|(item, conn)| Offer { item, conn })
+                    .collect();
+                events.push_back(Event::Unmoved(offers));
+                return Keep::No;
+            }
+            SenderEvent::Closed => {
+                log::debug!("moves: new process {pid} closed the channel");
+                return Keep::No;
+            }
+            SenderEvent::Negotiated(_) => {}
         }
     }
     Keep::Yes

@@ -446,7 +446,7 @@ fn state_moves_to_the_next_generation_and_is_committed_once_it_is_ready() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "requests v2 41\n");
     // The commit goes out, then the channel is let go.
     let events = drive(&mut lifecycle, |e| matches!(e, Event::Exit(_)));
-    assert!(lifecycle.committing.is_none(), "{events:?}");
+    assert!(lifecycle.moving.is_none(), "{events:?}");
     let _ = std::fs::remove_file(out);
 }
 
@@ -458,7 +458,7 @@ fn without_a_common_version_nothing_moves_and_the_upgrade_succeeds() {
     let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
     upgraded_pid(&events, ReplyTo(1));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "none\n");
-    assert!(lifecycle.committing.is_none());
+    assert!(lifecycle.moving.is_none());
     let _ = std::fs::remove_file(out);
 }
 
@@ -486,6 +486,6 @@ fn a_child_that_takes_no_state_gets_none_and_the_upgrade_succeeds() {
         !saved.load(std::sync::atomic::Ordering::SeqCst),
         "no version was negotiated"
     );
-    assert!(lifecycle.committing.is_none());
+    assert!(lifecycle.moving.is_none());
     kill(pid);
 }

@@ -20,10 +20,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::control::{self, Parsed};
+use crate::handover::Item;
 use crate::lifecycle::{Answer, Event, Lifecycle, ReplyTo, Request};
 use crate::runtime::{Accept, BoxFuture, Runtime};
 use crate::{Config, Connection, DrainReport, Error, Generation, ListenAddr, ListenSocket};
-use crate::{StopToken, Tracker};
+use crate::{Offer, StopToken, Tracker};
 
 /// How long accepting pauses after a resource-exhaustion error (`EMFILE`…):
 /// accepting again at once would fail again, in a busy loop.
@@ -37,6 +38,10 @@ const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// generation reads the rest of the shared queue).
 type DatagramTask =
     Arc<dyn Fn(std::net::UdpSocket, StopToken) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Serves a connection that moved here (or came back from a failed move):
+/// its saved state and a guard of this generation.
+type MovedTask = Arc<dyn Fn(Item, Connection) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// A request from a control connection or a [`Handle`], with where its
 /// answer goes.
@@ -57,6 +62,8 @@ pub struct Server<R: Runtime, L: Accept> {
     datagrams: Vec<(std::net::UdpSocket, DatagramTask)>,
     control: Option<UnixListener>,
     on_ready: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// How to serve each kind of connection that moves.
+    moved_tasks: HashMap<String, MovedTask>,
     messages: (
         async_channel::Sender<Message>,
         async_channel::Receiver<Message>,
@@ -90,6 +97,7 @@ impl<R: Runtime, L: Accept> Server<R, L> {
             datagrams: Vec::new(),
             control: None,
             on_ready: None,
+            moved_tasks: HashMap::new(),
             messages: async_channel::unbounded(),
         };
         if server.config.handle_signals {
@@ -161,6 +169,28 @@ impl<R: Runtime, L: Accept> Server<R, L> {
         save: impl FnMut(u32) -> Vec<crate::handover::Item> + Send + Sync + 'static,
     ) {
         self.lifecycle.on_save_state(save);
+    }
+
+    /// Move open connections of `kind` at each upgrade instead of draining
+    /// them, and serve with `task` those that move here. The live handover
+    /// (see [`crate::lifecycle`]): needs [`Config::state_versions`].
+    ///
+    /// Connections of this kind offer themselves at safe points: when
+    /// [`Connection::can_move`] says so (after finishing a request, or when
+    /// [`Tracker::moving_or_closing_idle`] wakes an idle one), stop reading,
+    /// save the socket and its state in an [`Item`] named `kind`, and
+    /// [`Connection::offer`] it. `task` gets such an item — in the next
+    /// generation once the move is committed, or here again if it failed —
+    /// rebuilds the connection from it and serves it as the handler would.
+    pub fn on_moved<F, Fut>(&mut self, kind: &str, task: F)
+    where
+        F: Fn(Item, Connection) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let task: MovedTask = Arc::new(move |item, conn| Box::pin(task(item, conn)));
+        self.moved_tasks.insert(kind.to_owned(), task);
+        let kinds: Vec<String> = self.moved_tasks.keys().cloned().collect();
+        self.lifecycle.move_connections(kinds);
     }
 
     /// The state the previous generation moves to this one; blocks up to
@@ -252,6 +282,18 @@ impl<R: Runtime, L: Accept> Server<R, L> {
                         }
                     }
                     Event::Resume => self.resume(&handler),
+                    Event::Moved(items) => {
+                        let tracker = self.lifecycle.generation().tracker();
+                        for item in items {
+                            let conn = tracker.track();
+                            self.serve_moved(item, conn);
+                        }
+                    }
+                    Event::Unmoved(offers) => {
+                        for Offer { item, conn } in offers {
+                            self.serve_moved(item, conn);
+                        }
+                    }
                     Event::Exit(report) => return Ok(report),
                     // Stop, close idle, force: accept loops and connections
                     // follow the stop token and the tracker, which the
@@ -272,6 +314,18 @@ impl<R: Runtime, L: Accept> Server<R, L> {
                 }
                 Wake::Something => self.lifecycle.handle_readable(now),
             }
+        }
+    }
+
+    /// Serve a connection that moved here or came back, by its kind (the
+    /// lifecycle takes no kind it has no task for).
+    fn serve_moved(&self, item: Item, conn: Connection) {
+        match self.moved_tasks.get(&item.name) {
+            Some(task) => self.runtime.spawn(task(item, conn)),
+            None => log::warn!(
+                "moves: no task for connections of kind {:?}; closed",
+                item.name
+            ),
         }
     }
 
@@ -302,8 +356,17 @@ impl<R: Runtime, L: Accept> Server<R, L> {
         }
         let tracker = lifecycle.generation().tracker().clone();
         if lifecycle.is_stopping() && tracker.open() > 0 {
+            let tracker = tracker.clone();
             waits.push(Box::pin(async move {
                 tracker.empty().await;
+                Wake::Something
+            }));
+        }
+        if !tracker.has_offers() {
+            // The first offer wakes the lifecycle; later ones wait for it.
+            let tracker = tracker.clone();
+            waits.push(Box::pin(async move {
+                tracker.offered().await;
                 Wake::Something
             }));
         }

@@ -6,13 +6,21 @@
 //! calls [`Tracker::force_close`], which connection tasks observe through
 //! [`Tracker::forced`] and close. The [`DrainReport`] counts how each
 //! connection ended after stop.
+//!
+//! With a live handover, a connection at a safe point (idle between
+//! requests, or done with one) can instead move to the next generation:
+//! while [`Connection::can_move`] says so, the application saves its state
+//! into an [`Item`] and calls [`Connection::offer`]; the lifecycle sends the
+//! offers, and the guard lives until the new generation committed them (or
+//! they come back, see [`crate::lifecycle::Event::Unmoved`]).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use event_listener::Event;
 
+use crate::handover::Item;
 use crate::stop::StopToken;
 
 /// How the connections open at stop ended.
@@ -26,10 +34,15 @@ pub struct DrainReport {
     pub closed_idle: usize,
     /// Still busy at the deadline and closed by force.
     pub forced: usize,
+    /// Moved to the next generation, open (live handover).
+    pub moved: usize,
 }
 
 impl fmt::Display for DrainReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.moved > 0 {
+            write!(f, "{} moved / ", self.moved)?;
+        }
         write!(
             f,
             "{} finished / {} closed idle / {} forced",
@@ -52,10 +65,14 @@ struct Inner {
     finished: AtomicUsize,
     closed_idle: AtomicUsize,
     forced: AtomicUsize,
+    moved: AtomicUsize,
     force: AtomicBool,
     /// Set once the idle grace after the stop has passed.
     close_idle: AtomicBool,
-    /// Notified when `open` drops to zero and when `force` is set.
+    /// The live handover: whether connections may move, and those offered.
+    moves: Mutex<Moves>,
+    /// Notified when `open` drops to zero, when `force` is set, when moves
+    /// open and when a connection is offered.
     changed: Event,
     /// Notified whenever a connection closes (`open` decreases), for
     /// [`Tracker::below`]; only accept loops listen to it.
@@ -83,6 +100,8 @@ impl Tracker {
             finished: AtomicUsize::new(0),
             closed_idle: AtomicUsize::new(0),
             forced: AtomicUsize::new(0),
+            moved: AtomicUsize::new(0),
+            moves: Mutex::new(Moves::default()),
             force: AtomicBool::new(false),
             close_idle: AtomicBool::new(false),
             changed: Event::new(),
@@ -107,6 +126,7 @@ impl Tracker {
             tracker: self.clone(),
             busy: false,
             served_after_stop: false,
+            moved: false,
         }
     }
 
@@ -148,6 +168,53 @@ impl Tracker {
     /// stop has passed, or the drain deadline forced everything.
     pub fn is_closing_idle(&self) -> bool {
         self.inner.close_idle.load(Ordering::SeqCst) || self.is_forced()
+    }
+
+    /// The state version to save connections at while they may move to the
+    /// next generation; `None` otherwise.
+    pub fn move_version(&self) -> Option<u32> {
+        self.moves().version
+    }
+
+    /// Resolves once idle connections should act: offer themselves while
+    /// [`Connection::can_move`], else close ([`closing_idle`](Self::closing_idle)).
+    pub async fn moving_or_closing_idle(&self) {
+        self.wait_until(|t| t.is_closing_idle() || t.move_version().is_some())
+            .await;
+    }
+
+    /// Resolves once a connection was offered and not yet taken.
+    pub async fn offered(&self) {
+        self.wait_until(|t| !t.moves().offered.is_empty()).await;
+    }
+
+    /// Let connections move at `version` (the lifecycle does, once the next
+    /// generation is ready and takes them).
+    pub(crate) fn open_moves(&self, version: u32) {
+        self.moves().version = Some(version);
+        self.inner.changed.notify(usize::MAX);
+    }
+
+    /// No more moves: connections offered from now on come back.
+    pub(crate) fn close_moves(&self) {
+        self.moves().version = None;
+    }
+
+    /// The connections offered since the last call, in order.
+    pub(crate) fn take_offers(&self) -> Vec<Offer> {
+        std::mem::take(&mut self.moves().offered)
+    }
+
+    /// True if a connection was offered and not yet taken.
+    pub fn has_offers(&self) -> bool {
+        !self.moves().offered.is_empty()
+    }
+
+    fn moves(&self) -> std::sync::MutexGuard<'_, Moves> {
+        self.inner
+            .moves
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Resolves when an idle connection should close: the idle grace after
@@ -201,6 +268,7 @@ impl Tracker {
             &self.inner.finished,
             &self.inner.closed_idle,
             &self.inner.forced,
+            &self.inner.moved,
         ] {
             counter.store(0, Ordering::SeqCst);
         }
@@ -213,6 +281,7 @@ impl Tracker {
             finished: self.inner.finished.load(Ordering::SeqCst),
             closed_idle: self.inner.closed_idle.load(Ordering::SeqCst),
             forced: self.inner.forced.load(Ordering::SeqCst),
+            moved: self.inner.moved.load(Ordering::SeqCst),
         }
     }
 }
@@ -225,6 +294,26 @@ pub struct Connection {
     tracker: Tracker,
     busy: bool,
     served_after_stop: bool,
+    /// Committed to the next generation: counted as moved.
+    moved: bool,
+}
+
+/// Whether connections may move now, and those offered.
+#[derive(Debug, Default)]
+struct Moves {
+    version: Option<u32>,
+    offered: Vec<Offer>,
+}
+
+/// A connection offered to the next generation: its saved state (the
+/// socket among the item's fds) and its guard, which keeps it counted as
+/// open until the move is committed.
+#[derive(Debug)]
+pub struct Offer {
+    /// The saved state; its name is the connection's kind.
+    pub item: Item,
+    /// The guard.
+    pub conn: Connection,
 }
 
 impl Connection {
@@ -258,6 +347,34 @@ impl Connection {
         self.tracker.inner.stop.is_stopped()
     }
 
+    /// The state version to save this connection at, while it may move to
+    /// the next generation: at a safe point (idle, or its request answered)
+    /// stop reading it, save it and [`offer`](Self::offer) it instead of
+    /// closing it. `None` when it may not move (no handover, or it
+    /// failed): drain it as usual.
+    pub fn can_move(&self) -> Option<u32> {
+        self.tracker.move_version()
+    }
+
+    /// Hand this connection to the lifecycle to move to the next
+    /// generation: `item` (named by the connection's kind, written at
+    /// [`can_move`](Self::can_move)'s version) holds its socket and its
+    /// state. Stop reading the socket first, and keep no copy of it: if
+    /// the move fails, the connection comes back whole to whoever resumes
+    /// that kind ([`crate::lifecycle::Event::Unmoved`]).
+    pub fn offer(mut self, item: Item) {
+        self.set_idle();
+        let tracker = self.tracker.clone();
+        tracker.moves().offered.push(Offer { item, conn: self });
+        tracker.inner.changed.notify(usize::MAX);
+    }
+
+    /// The move was committed: dropping the guard counts it as moved.
+    pub(crate) fn set_moved(&mut self) {
+        self.set_idle();
+        self.moved = true;
+    }
+
     /// The tracker this connection belongs to, to wait for [`Tracker::forced`].
     pub fn tracker(&self) -> &Tracker {
         &self.tracker
@@ -273,7 +390,9 @@ impl Drop for Connection {
         if inner.stop.is_stopped() {
             // Closed by the server at the deadline counts as forced, busy or
             // idle (a long-lived connection that never sends is cut too).
-            let counter = if self.busy || inner.force.load(Ordering::SeqCst) {
+            let counter = if self.moved {
+                &inner.moved
+            } else if self.busy || inner.force.load(Ordering::SeqCst) {
                 &inner.forced
             } else if self.served_after_stop {
                 &inner.finished
@@ -330,7 +449,8 @@ mod tests {
                 open_at_start: 3,
                 finished: 1,
                 closed_idle: 1,
-                forced: 1
+                forced: 1,
+                moved: 0
             }
         );
         assert_eq!(

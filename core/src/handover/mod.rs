@@ -100,6 +100,7 @@ mod channel;
 pub mod frame;
 mod receiver;
 mod sender;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -107,6 +108,7 @@ pub use channel::{pair, End};
 pub use frame::{Frame, FrameError};
 pub use receiver::{Receiver, ReceiverEvent};
 pub use sender::{Refused, Sender, SenderEvent};
+pub use stream::{take_stream, MovedStream};
 
 use std::io;
 use std::os::fd::OwnedFd;

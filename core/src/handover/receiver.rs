@@ -402,6 +402,11 @@ impl Receiver {
         self.end.wants_write()
     }
 
+    /// True between transactions: waiting for the next begin.
+    pub fn can_begin(&self) -> bool {
+        self.state == State::Ready
+    }
+
     /// True once the channel is over (aborted, closed or failed): drop it.
     pub fn is_finished(&self) -> bool {
         self.state.finished()

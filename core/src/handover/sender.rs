@@ -429,6 +429,11 @@ impl Sender {
         }
     }
 
+    /// True between transactions: [`begin`](Sender::begin) may open one.
+    pub fn can_begin(&self) -> bool {
+        self.state == State::Ready
+    }
+
     /// True while frames wait for room in the socket: wait until it is
     /// writable too.
     pub fn wants_write(&self) -> bool {
