@@ -95,6 +95,14 @@ pub struct Options {
     /// generation when both have the same. 0: move nothing.
     #[arg(long, value_name = "N", default_value = "1")]
     pub state_version: u32,
+    /// At each upgrade, move open keep-alive connections to the new
+    /// generation at their next request boundary, with any bytes read and
+    /// not yet answered (`on`): clients never reconnect. `off`: end them
+    /// as a plain drain does (`Connection: close`; idle ones closed after
+    /// --idle-grace). Moving needs a common state version (--state-version
+    /// at least 1 in both generations); without one, connections drain.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    pub handover: bool,
     /// Read --state-version from this file at start-up (every generation
     /// re-reads it), to upgrade to a generation of another state version.
     #[arg(long, value_name = "PATH")]
@@ -254,6 +262,15 @@ fn read_backend_file(path: &Path) -> Result<String, String> {
             path.display()
         )),
         name => Ok(name.to_owned()),
+    }
+}
+
+/// `on` or `off`.
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{text:?} is neither on nor off")),
     }
 }
 

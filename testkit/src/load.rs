@@ -161,6 +161,7 @@ impl Load {
                 label: format!("{name} #{index}"),
                 keep_alive,
                 stats: Stats::default(),
+                generations: BTreeSet::new(),
             };
             // On error `load` is dropped, which stops and joins the threads already started.
             let handle = std::thread::Builder::new()
@@ -247,6 +248,16 @@ pub struct Report {
     pub timeline: Vec<(u64, u64)>,
     /// Time from start to the end of the run.
     pub elapsed: Duration,
+    /// Connections opened (every thread, every connect attempt that got
+    /// through).
+    pub connects: u64,
+    /// Connections the keep-alive threads opened beyond their first: how
+    /// often the server made a client connect again.
+    pub reconnects: u64,
+    /// For each connection of a keep-alive thread, how many generations
+    /// answered on it (a connection that moves through upgrades is
+    /// answered by each).
+    pub generations_per_connection: Vec<usize>,
 }
 
 impl Report {
@@ -279,11 +290,19 @@ struct Stats {
     pids: BTreeSet<u32>,
     latencies_us: Vec<u32>,
     timeline: Vec<(u64, u64)>,
+    connects: u64,
+    reconnects: u64,
+    generations_per_connection: Vec<usize>,
 }
 
 impl Stats {
     fn merge_into(self, report: &mut Report, samples: &mut Vec<(Duration, String)>) {
         report.ok += self.ok;
+        report.connects += self.connects;
+        report.reconnects += self.reconnects;
+        report
+            .generations_per_connection
+            .extend(self.generations_per_connection);
         for (kind, n) in self.failures {
             *report.failures.entry(kind).or_default() += n;
         }
@@ -365,6 +384,8 @@ struct Worker {
     label: String,
     keep_alive: bool,
     stats: Stats,
+    /// The generations that answered on the current connection.
+    generations: BTreeSet<u64>,
 }
 
 impl Worker {
@@ -389,13 +410,16 @@ impl Worker {
             let result = self.request(&mut conn, request.as_bytes(), deadline);
             match result {
                 Ok(answer) => {
+                    self.generations.insert(answer.generation);
                     if answer.close || !self.keep_alive {
                         conn = None;
+                        self.end_connection();
                     }
                     self.record_ok(&answer, began.elapsed());
                 }
                 Err(failure) => {
                     conn = None;
+                    self.end_connection();
                     let refused = failure.kind == FailureKind::Refused;
                     self.record_failure(failure);
                     if refused {
@@ -407,22 +431,39 @@ impl Worker {
                 }
             }
         }
+        self.end_connection();
         self.stats
+    }
+
+    /// The current connection ended (or the run did): note how many
+    /// generations answered on it.
+    fn end_connection(&mut self) {
+        if self.keep_alive && !self.generations.is_empty() {
+            let generations = std::mem::take(&mut self.generations).len();
+            self.stats.generations_per_connection.push(generations);
+        }
     }
 
     /// One request on `conn`, connecting first if there is no connection.
     fn request(
-        &self,
+        &mut self,
         conn: &mut Option<Conn>,
         request: &[u8],
         deadline: Instant,
     ) -> Result<Answer, Failure> {
         let conn = match conn {
             Some(conn) => conn,
-            None => conn.insert(match &self.config.unix {
-                Some(path) => Conn::connect_unix(path, deadline)?,
-                None => Conn::connect(self.config.addr, deadline)?,
-            }),
+            None => {
+                let connected = match &self.config.unix {
+                    Some(path) => Conn::connect_unix(path, deadline)?,
+                    None => Conn::connect(self.config.addr, deadline)?,
+                };
+                if self.keep_alive && self.stats.connects > 0 {
+                    self.stats.reconnects += 1;
+                }
+                self.stats.connects += 1;
+                conn.insert(connected)
+            }
         };
         conn.write(request, deadline)?;
         let response = conn.read_response(deadline)?;
