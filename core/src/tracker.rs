@@ -528,4 +528,32 @@ mod tests {
             std::thread::park();
         }
     }
+
+    #[test]
+    fn offers_wait_in_order_and_committed_moves_count_as_moved() {
+        let stop = StopToken::new();
+        let tracker = Tracker::new(stop.clone());
+        let (a, b) = (tracker.track(), tracker.track());
+        assert_eq!(a.can_move(), None);
+        tracker.open_moves(3);
+        assert_eq!(a.can_move(), Some(3));
+        stop.stop();
+        a.offer(Item::new("a", 3, Vec::new()));
+        b.offer(Item::new("b", 3, Vec::new()));
+        assert!(tracker.has_offers());
+        assert_eq!(tracker.open(), 2, "offered connections stay open");
+        let offers = tracker.take_offers();
+        let names: Vec<&str> = offers.iter().map(|o| o.item.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        tracker.close_moves();
+        assert_eq!(tracker.move_version(), None);
+        let mut offers = offers.into_iter();
+        offers.next().unwrap().conn.set_moved();
+        drop(offers);
+        let report = tracker.report();
+        assert_eq!(
+            (report.moved, report.closed_idle, tracker.open()),
+            (1, 1, 0)
+        );
+    }
 }
