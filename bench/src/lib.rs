@@ -26,13 +26,20 @@
 //!   every `--upgrade-every`, the next one only once the previous one has
 //!   finished (its `upgrade done` or `upgrade failed` line). Upgrade time is
 //!   SIGHUP until a request on a fresh connection is answered by the new
-//!   generation;
+//!   generation. The demo's keep-alive connections move to the new
+//!   generation (live handover, on by default);
+//! - **upgrades, handover off**: the same with `--handover off`: every
+//!   upgrade ends the old generation's keep-alive connections, and the
+//!   clients connect again;
 //! - **restart without handoff**: the baseline: SIGTERM, wait for the exit,
 //!   start the same binary fresh on the same port. Restart time is SIGTERM
 //!   until the new process answers. The refused and reset requests it shows
 //!   are what baton avoids.
 //!
 //! Every run also reports failed requests by kind (reported, never hidden),
+//! reconnects per upgrade or restart (keep-alive clients that had to connect
+//! again), how long an old generation still held connections after it
+//! stopped (median of its `no connection left after N ms` lines),
 //! the peak RSS of any generation (VmHWM from `/proc/PID/status`, sampled
 //! every 100 ms) and CPU seconds of server and client. The bench is a child
 //! subreaper and reaps every generation it saw by pid, so
@@ -117,7 +124,8 @@ pub struct Options {
         value_enum,
         value_delimiter = ',',
         default_values_t = [
-            Scenario::Steady, Scenario::Upgrades, Scenario::Restart, Scenario::Idle, Scenario::Ballast,
+            Scenario::Steady, Scenario::Upgrades, Scenario::UpgradesDrain, Scenario::Restart,
+            Scenario::Idle, Scenario::Ballast,
         ]
     )]
     pub scenarios: Vec<Scenario>,
@@ -152,8 +160,10 @@ pub struct Options {
 pub enum Scenario {
     /// Nothing: steady keep-alive load.
     Steady,
-    /// SIGHUP every `--upgrade-every`: baton's handoff.
+    /// SIGHUP every `--upgrade-every`: baton's handoff, connections move.
     Upgrades,
+    /// The same with `--handover off`: connections drain and clients reconnect.
+    UpgradesDrain,
     /// SIGTERM, wait for exit, start fresh: the baseline without handoff.
     Restart,
     /// RSS per idle keep-alive connection; upgrade time with them vs none.
@@ -168,6 +178,7 @@ impl Scenario {
         match self {
             Scenario::Steady => "steady",
             Scenario::Upgrades => "upgrades",
+            Scenario::UpgradesDrain => "upgrades-drain",
             Scenario::Restart => "restart",
             Scenario::Idle => "idle",
             Scenario::Ballast => "ballast",
@@ -178,7 +189,7 @@ impl Scenario {
     fn under_load(self) -> bool {
         matches!(
             self,
-            Scenario::Steady | Scenario::Upgrades | Scenario::Restart
+            Scenario::Steady | Scenario::Upgrades | Scenario::UpgradesDrain | Scenario::Restart
         )
     }
 }
@@ -188,6 +199,7 @@ impl fmt::Display for Scenario {
         f.write_str(match self {
             Scenario::Steady => "steady",
             Scenario::Upgrades => "upgrades",
+            Scenario::UpgradesDrain => "upgrades, handover off",
             Scenario::Restart => "restart without handoff",
             Scenario::Idle => "idle connections",
             Scenario::Ballast => "ballast",
@@ -465,6 +477,8 @@ struct Run {
     restarts: Vec<Duration>,
     /// Why an upgrade or restart failed.
     restart_failures: Vec<String>,
+    /// How long each old generation held connections after it stopped.
+    emptied: Vec<Duration>,
     peak_rss_kib: u64,
     server_cpu: Duration,
     client_cpu: Duration,
@@ -526,6 +540,7 @@ fn run_one(
         report: driven.report,
         restarts: driven.restarts,
         restart_failures: driven.restart_failures,
+        emptied: driven.emptied,
         peak_rss_kib,
         server_cpu,
         client_cpu,
@@ -551,6 +566,8 @@ struct Driven {
     restart_failures: Vec<String>,
     /// When each upgrade or restart was triggered, since the load started.
     marks: Vec<Duration>,
+    /// How long each old generation held connections after it stopped.
+    emptied: Vec<Duration>,
 }
 
 /// Every process of one server tree: generation 0, each upgrade child, each
@@ -738,6 +755,10 @@ struct Session<'a> {
     extra_args: Vec<String>,
     /// Pids that logged `ballast: … allocated and touched`.
     ballast_filled: BTreeSet<u32>,
+    /// Generations stopped by an upgrade or restart in this run.
+    stopped: BTreeSet<u32>,
+    /// Their `no connection left after N ms`, by pid.
+    emptied: std::collections::BTreeMap<u32, Duration>,
 }
 
 impl<'a> Session<'a> {
@@ -758,11 +779,16 @@ impl<'a> Session<'a> {
             outcome_at: None,
             extra_args: Vec::new(),
             ballast_filled: BTreeSet::new(),
+            stopped: BTreeSet::new(),
+            emptied: std::collections::BTreeMap::new(),
         }
     }
 
     /// Start the server, run the load and the scenario for `--duration`, stop the load.
     fn drive(&mut self, scenario: Scenario) -> Result<Driven, String> {
+        if scenario == Scenario::UpgradesDrain {
+            self.extra_args = vec!["--handover".to_owned(), "off".to_owned()];
+        }
         let addr = self.start("127.0.0.1:0")?;
         let options = self.options;
         let config = LoadConfig {
@@ -830,11 +856,19 @@ impl<'a> Session<'a> {
                 ));
             }
         }
+        let report = load.stop();
+        // The clients are gone: every stopped generation says when it held
+        // no connection any more (bounded).
+        let deadline = Instant::now() + STEP_BOUND;
+        while self.stopped.iter().any(|p| !self.emptied.contains_key(p))
+            && self.next_event(deadline).is_some()
+        {}
         Ok(Driven {
-            report: load.stop(),
+            report,
             restarts,
             restart_failures,
             marks,
+            emptied: self.emptied.values().copied().collect(),
         })
     }
 
@@ -908,6 +942,7 @@ impl<'a> Session<'a> {
     fn upgrade(&mut self, addr: SocketAddr) -> Result<Duration, String> {
         let expected = self.generation + 1;
         self.outcome = None;
+        self.stopped.insert(self.current);
         let sent = Instant::now();
         let deadline = sent + STEP_BOUND;
         kill(pid(self.current), Signal::SIGHUP).map_err(|e| format!("SIGHUP: {e}"))?;
@@ -944,6 +979,7 @@ impl<'a> Session<'a> {
     /// the time until the fresh process answers.
     fn restart(&mut self, addr: SocketAddr) -> Result<Duration, String> {
         let old = self.current;
+        self.stopped.insert(old);
         let sent = Instant::now();
         let deadline = sent + STEP_BOUND;
         kill(pid(old), Signal::SIGTERM).map_err(|e| format!("SIGTERM: {e}"))?;
@@ -1026,6 +1062,14 @@ impl<'a> Session<'a> {
         };
         if message.starts_with("ballast: ") {
             self.ballast_filled.insert(*pid);
+        }
+        if let Some(held) = message
+            .strip_prefix("no connection left after ")
+            .and_then(|rest| rest.strip_suffix(" ms"))
+            .and_then(|ms| ms.parse::<f64>().ok())
+        {
+            self.emptied
+                .insert(*pid, Duration::from_secs_f64(held.max(0.0) / 1000.0));
         }
         if *pid != self.current {
             return;
@@ -1152,13 +1196,19 @@ fn latency_ms(report: &Report, p: f64) -> String {
 fn table(runs: &[Run], out: &mut String) {
     out.push_str(
         "| backend | scenario | req/s | p50 ms | p99 ms | max ms | failed requests \
-         | restarts | restart median ms | restart max ms | peak RSS MiB \
+         | restarts | restart median ms | restart max ms | reconnects per restart \
+         | old gen held connections: median ms | max ms | peak RSS MiB \
          | server CPU s | client CPU s |\n",
     );
-    out.push_str("|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|\n");
+    out.push_str("|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for run in runs {
-        let (restarts, median, max) = if run.scenario == Scenario::Steady {
-            ("-".to_owned(), "-".to_owned(), "-".to_owned())
+        let (restarts, median, max, reconnects) = if run.scenario == Scenario::Steady {
+            (
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+            )
         } else {
             let mut times = run.restarts.clone();
             times.sort_unstable();
@@ -1170,11 +1220,21 @@ fn table(runs: &[Run], out: &mut String) {
                 .get(times.len() / 2)
                 .map_or("-".to_owned(), |d| ms(*d));
             let max = times.last().map_or("-".to_owned(), |d| ms(*d));
-            (count, median, max)
+            let reconnects = match times.len() {
+                0 => "-".to_owned(),
+                n => format!("{:.1}", run.report.reconnects as f64 / n as f64),
+            };
+            (count, median, max, reconnects)
         };
+        let mut emptied = run.emptied.clone();
+        emptied.sort_unstable();
+        let held_median = emptied
+            .get(emptied.len() / 2)
+            .map_or("-".to_owned(), |d| ms(*d));
+        let held_max = emptied.last().map_or("-".to_owned(), |d| ms(*d));
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} |",
             run.backend,
             run.scenario,
             run.throughput(),
@@ -1185,6 +1245,9 @@ fn table(runs: &[Run], out: &mut String) {
             restarts,
             median,
             max,
+            reconnects,
+            held_median,
+            held_max,
             run.peak_rss_kib as f64 / 1024.0,
             run.server_cpu.as_secs_f64(),
             run.client_cpu.as_secs_f64(),
@@ -1200,8 +1263,11 @@ fn notes(options: &Options, runs: &[Run], errors: &[String], out: &mut String) {
             out,
             "\n{} keep-alive connections, {:?} per run, an upgrade or restart every {:?}. \
              Restart time: SIGHUP (upgrades) or SIGTERM (restart without handoff) until a \
-             fresh connection is answered by the new process. Server CPU: every generation; \
-             client CPU: the bench process, whose threads are the load client.",
+             fresh connection is answered by the new process. Reconnects: keep-alive clients \
+             that had to connect again, per upgrade or restart. Old gen held connections: from \
+             its stop until its last connection moved or closed (its `no connection left` \
+             line). Server CPU: every generation; client CPU: the bench process, whose threads \
+             are the load client.",
             options.connections, options.duration, options.upgrade_every
         );
     }

@@ -1,7 +1,8 @@
 //! `baton-bench` end to end: runs the real tool for a short time against the
 //! tokio backend and checks the report's structure, that baton's rows have no
-//! failed request while the restart-without-handoff baseline has some, and
-//! that every timeline SVG was written. No timing is asserted: the numbers
+//! failed request while the restart-without-handoff baseline has some, that
+//! with the live handover no client reconnects while with it off they do,
+//! and that every timeline SVG was written. No timing is asserted: the numbers
 //! depend on the machine, the structure and the failure counts do not.
 //!
 //! **Where the demo binary comes from.** A test in this package cannot use
@@ -117,6 +118,8 @@ fn short_run_reports_every_scenario() {
         "restarts",
         "restart median ms",
         "restart max ms",
+        "reconnects per restart",
+        "old gen held connections: median ms",
         "peak RSS MiB",
         "server CPU s",
         "client CPU s",
@@ -129,7 +132,17 @@ fn short_run_reports_every_scenario() {
         .expect("column")
         - 1;
 
-    for scenario in ["steady", "upgrades", "restart without handoff"] {
+    let reconnects_at = columns
+        .iter()
+        .position(|c| *c == "reconnects per restart")
+        .expect("column")
+        - 1;
+    for scenario in [
+        "steady",
+        "upgrades",
+        "upgrades, handover off",
+        "restart without handoff",
+    ] {
         let cells = row(&stdout, "tokio", scenario)
             .unwrap_or_else(|| panic!("no row for {scenario}\n{context}"));
         assert_eq!(cells.len(), columns.len() - 2, "{scenario}\n{context}");
@@ -147,10 +160,22 @@ fn short_run_reports_every_scenario() {
         .parse()
         .unwrap_or_else(|_| panic!("upgrades cell {:?}\n{context}", upgrades[restarts_at]));
     assert!(count >= 1, "no upgrade ran\n{context}");
+    // Connections move with the handover; without it, every upgrade makes
+    // the keep-alive clients connect again.
+    assert_eq!(upgrades[reconnects_at], "0.0", "{context}");
+    let drained = row(&stdout, "tokio", "upgrades, handover off").expect("row");
+    let reconnects: f64 = drained[reconnects_at]
+        .parse()
+        .unwrap_or_else(|_| panic!("reconnects cell {:?}\n{context}", drained[reconnects_at]));
+    assert!(
+        reconnects > 0.0,
+        "no reconnect without the handover?\n{context}"
+    );
 
     for name in [
         "tokio-steady.svg",
         "tokio-upgrades.svg",
+        "tokio-upgrades-drain.svg",
         "tokio-restart.svg",
     ] {
         let svg = std::fs::read_to_string(out.join(name))

@@ -288,6 +288,9 @@ struct Drain {
     give_up: Option<Instant>,
     successor: Option<SuccessorWatch>,
     watch_until: Instant,
+    /// When the drain began; `None` once the last connection was gone (and
+    /// logged as such).
+    began: Option<Instant>,
 }
 
 /// The state machine of one generation. See the [module docs](self).
@@ -514,8 +517,11 @@ impl Lifecycle {
             }
             if self.generation.tracker().open() == 0 {
                 // The connections are gone: the drain ends with the watch,
-                // or now (once a killed child is reaped: its own timer).
-                if d.watch_until > now {
+                // or now (once a killed child is reaped: its own timer);
+                // say so now.
+                if d.began.is_some() {
+                    next = now;
+                } else if d.watch_until > now {
                     next = next.min(d.watch_until);
                 } else if self.unreaped == 0 {
                     next = now;
@@ -877,6 +883,7 @@ impl Lifecycle {
             give_up: None,
             successor,
             watch_until,
+            began: Some(now),
         });
         self.events.push_back(Event::StopAccepting(reason));
         self.advance_drain(now);
@@ -919,9 +926,17 @@ impl Lifecycle {
         if drain.give_up.is_none() && drain.deadline <= now {
             self.force(now, "drain deadline passed: closing what is left");
         }
-        let Some(drain) = &self.drain else {
+        let Some(drain) = self.drain.as_mut() else {
             return;
         };
+        if self.generation.tracker().open() == 0 {
+            // How long this generation held connections after it stopped
+            // (moved ones leave at once; drained ones with their clients).
+            if let Some(began) = drain.began.take() {
+                let held = now.saturating_duration_since(began).as_secs_f64() * 1000.0;
+                log::info!("no connection left after {held:.1} ms");
+            }
+        }
         let connections_done =
             self.generation.tracker().open() == 0 || drain.give_up.is_some_and(|at| at <= now);
         let watch_over = drain.successor.is_none() || drain.watch_until <= now;

@@ -101,7 +101,7 @@ pub struct Options {
     /// as a plain drain does (`Connection: close`; idle ones closed after
     /// --idle-grace). Moving needs a common state version (--state-version
     /// at least 1 in both generations); without one, connections drain.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub handover: bool,
     /// Read --state-version from this file at start-up (every generation
     /// re-reads it), to upgrade to a generation of another state version.
