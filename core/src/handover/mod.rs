@@ -80,10 +80,9 @@
 //!
 //! # Application state
 //!
-//! Wired in for state without connections: with
-//! [`Config::state_versions`](crate::Config::state_versions) the upgrader
-//! makes the pair at each spawn (the child's end from a second low fd
-//! slot, see [`crate::upgrade`]) and keeps a [`Sender`] in the
+//! With [`Config::state_versions`](crate::Config::state_versions) the
+//! upgrader makes the pair at each spawn (the child's end from a second low
+//! fd slot, see [`crate::upgrade`]) and keeps a [`Sender`] in the
 //! [`PendingUpgrade`](crate::upgrade::PendingUpgrade). The
 //! [lifecycle](crate::lifecycle) drives it for every backend: on
 //! [`SenderEvent::Negotiated`] it calls the application's
@@ -91,10 +90,28 @@
 //! one transaction; once the new generation is ready (it prepared first) it
 //! commits. The new generation takes the items with
 //! [`Generation::receive_state`](crate::Generation::receive_state) before it
-//! reports ready, and keeps its end open so the commit lands. Blobs are
-//! copies: the new generation uses them once prepared; the commit only
+//! reports ready (or the lifecycle takes and drops them at ready). Blobs
+//! are copies: the new generation uses them once prepared; the commit only
 //! tells the old one the transaction is over. A generation that declared
 //! no versions closes an inherited end at once.
+//!
+//! # Connections
+//!
+//! When both generations move connections
+//! ([`Lifecycle::move_connections`](crate::lifecycle::Lifecycle::move_connections)),
+//! the channel stays open after the state's commit, and each batch of
+//! connections offered ([`crate::Connection::offer`]) is one more
+//! transaction: an item per connection, named by its kind, its socket as
+//! the one fd ([`take_stream`] gives it back as a [`MovedStream`]), its
+//! saved state as the payload. The new generation prepares once it has
+//! every fd and resumes every kind, serves them only after the commit; an
+//! abort gives the old one every item back. Here the items are not copies:
+//! between the commit and the old generation's close both hold the same
+//! open socket, and only the new one reads it. Which is why the old side
+//! never shuts a moved socket down, only closes its fd.
+//!
+//! TLS connections cannot move this way: their state lives in the TLS
+//! library, not the socket (see the README's "Moving open connections").
 
 mod channel;
 pub mod frame;
