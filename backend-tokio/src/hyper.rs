@@ -14,7 +14,7 @@
 //!
 //! With [`Config::state_versions`](crate::Config::state_versions) in both
 //! generations and [`serve_moved`] registered for [`KIND`]
-//! (`server.on_moved(KIND, …)`; [`crate::axum::serve`] registers it),
+//! (`server.on_moved(KIND, …)`; `baton_tokio::axum::serve` registers it),
 //! keep-alive connections move to the next generation open instead: no
 //! reconnect, no close race. What hyper's API allows, and how it is used:
 //!
@@ -28,28 +28,31 @@
 //!   the bytes before the socket ([`serve_moved`]). A request is never read
 //!   twice nor lost: hyper parsed it and it is answered here, or it is in
 //!   those bytes or still in the socket.
-//! - Except on a connection that has not had a response yet: there hyper's
-//!   keep-alive state is not idle but busy, and `graceful_shutdown` on one
-//!   that has read part of a request waits for the rest and answers it
-//!   with `Connection: close`. Such a connection has written nothing, so
-//!   its parts are taken at once (`into_parts`, which before the end risks
-//!   only bytes not flushed yet: there are none). This is how a
-//!   connection that moved with half a request moves again.
 //! - A request hyper has parsed is answered here first, without
 //!   `Connection: close`, and the connection moves right after: a response
 //!   hands hyper its head in the same poll that ends the service's future,
 //!   so the shutdown, which this task can only call between two polls, never
 //!   comes before the head is written (hyper would add `Connection: close`
-//!   to it).
+//!   to it). A response still streaming holds the move until it ends (or
+//!   the drain deadline cuts it, as without a handover).
+//! - A connection that has had no response yet is the exception: hyper's
+//!   keep-alive state starts busy, not idle, so `graceful_shutdown` on one
+//!   that has read part of its first request waits for the rest and
+//!   answers it with `Connection: close`. Such a connection has written
+//!   nothing, so its parts are taken at once (`into_parts`, which before
+//!   the end risks only bytes not flushed yet: there are none). This is
+//!   how a connection that moved with half a request moves again.
 //!
-//! What does not move, and drains as without a handover (`Connection:
-//! close` on its next response, closed after the idle grace):
+//! What cannot move drains as without a handover: `Connection: close` on
+//! its next response, closed if still idle after the idle grace.
 //!
-//! - A connection whose last request had a body, until a request without
-//!   one: hyper does not say whether it read that body to its end. When the
-//!   service drops a body unread, hyper stops reading it and ends the
-//!   connection after the response, silently: its `read_buf` would then
-//!   hold the rest of a body, not a request.
+//! - A connection whose last request had a body: hyper does not say
+//!   whether it read that body to its end. When the service drops a body
+//!   unread, hyper stops reading it and ends the connection after the
+//!   response, silently: its `read_buf` would then hold the rest of a
+//!   body, not a request. Its next request, if it has no body, is
+//!   answered here without `Connection: close` and the connection moves
+//!   after it.
 //! - One whose last exchange ends it anyway: HTTP/1.0, or `Connection:
 //!   close` in the request or the response.
 //! - One that asked for an upgrade (an `Upgrade` header, `CONNECT`):
@@ -369,9 +372,66 @@ impl AsyncWrite for Replay {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use http_body_util::Empty;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::StopToken;
+
+    /// Answers an `Upgrade` request with 101 and then echoes, as a
+    /// WebSocket handler would take over the connection.
+    async fn echo(mut request: Request<Incoming>) -> Result<Response<Empty<Bytes>>, Infallible> {
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut io = TokioIo::new(upgraded);
+            let mut word = [0u8; 4];
+            if io.read_exact(&mut word).await.is_ok() {
+                let _ = io.write_all(&word).await;
+            }
+        });
+        let mut response = Response::new(Empty::new());
+        *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(hyper::header::UPGRADE, HeaderValue::from_static("echo"));
+        Ok(response)
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_request_switches_to_hyper_upgrades_and_is_fulfilled() {
+        let (ours, mut peer) = tokio::net::UnixStream::pair().unwrap();
+        let conn = Tracker::new(StopToken::new()).track();
+        let service = hyper::service::service_fn(echo);
+        tokio::spawn(serve_connection(Stream::Unix(ours), conn, service));
+        let exchange = async {
+            peer.write_all(
+                b"GET / HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+            )
+            .await?;
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(peer.read_u8().await?);
+            }
+            peer.write_all(b"ping").await?;
+            let mut word = [0u8; 4];
+            peer.read_exact(&mut word).await?;
+            Ok::<_, io::Error>((head, word))
+        };
+        let (head, word) = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("within 10 s")
+            .unwrap();
+        assert!(
+            head.starts_with(b"HTTP/1.1 101 "),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        assert_eq!(&word, b"ping");
+    }
 
     #[tokio::test]
     async fn replay_reads_the_unread_bytes_first_and_gives_back_the_rest() {
