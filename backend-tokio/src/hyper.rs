@@ -44,7 +44,11 @@
 //!   how a connection that moved with half a request moves again.
 //!
 //! What cannot move drains as without a handover: `Connection: close` on
-//! its next response, closed if still idle after the idle grace.
+//! its next response, closed if still idle after the idle grace. So does a
+//! connection whose move failed (the next generation refused it, aborted
+//! or died before the commit): it comes back whole to [`serve_moved`]
+//! here. For a connection that can move, that is the only way its client
+//! has to connect again.
 //!
 //! - A connection whose last request had a body: hyper does not say
 //!   whether it read that body to its end. When the service drops a body

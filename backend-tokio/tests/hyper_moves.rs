@@ -3,9 +3,9 @@
 //!
 //! Under keep-alive load (requests racing each move), through
 //! [`UPGRADES`] upgrades (`SIGHUP`, so that no control connection is open
-//! at the stop): no request fails, no client
-//! connects again, and each old generation drains with every connection
-//! moved (none finished with `Connection: close`, closed idle or forced).
+//! at the stop): no request fails, no client connects again, and each old
+//! generation drains with every connection moved (none finished with
+//! `Connection: close`, closed idle or forced).
 //! Connections the test drives itself show it request by request: an idle
 //! one is answered by each generation in turn, and one holding half a
 //! request head keeps those bytes through every move.
@@ -46,8 +46,8 @@ fn axum_connections_move_through_upgrades() {
 
 /// A request with a body keeps its connection here until a request
 /// without one (hyper does not say whether it read the body to its end):
-/// the connection does not move while idle, is not closed either, and
-/// moves right after its next answer.
+/// the connection does not move while idle, is not closed either (within
+/// the idle grace, 2 s), and moves right after its next answer.
 #[test]
 fn a_connection_moves_after_a_request_without_a_body() {
     let mut server = start("hyper");
