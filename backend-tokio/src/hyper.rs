@@ -125,6 +125,8 @@ where
     }
 }
 
+/// Serve `service` on `io` with baton's drain semantics; once moves are
+/// open, offer the connection at its first safe point.
 async fn serve<S, B>(io: Replay, conn: Connection, service: S)
 where
     S: Service<Request<Incoming>, Response = Response<B>, Future: Send + 'static> + Send + 'static,
