@@ -1,8 +1,9 @@
 // cargo run -p baton-tokio --features axum --example axum -- --listen 127.0.0.1:3000 --control /tmp/axum.sock
 //! An axum app that upgrades itself without failing a request: `kill -HUP`
 //! or `batonctl upgrade --control /tmp/axum.sock` starts the new binary and
-//! hands it the sockets; `kill -TERM` or `batonctl stop` stops gracefully.
-//! If the new generation dies in its first seconds, the old one serves again.
+//! hands it the sockets, and keep-alive connections move to it open;
+//! `kill -TERM` or `batonctl stop` stops gracefully. If the new generation
+//! dies in its first seconds, the old one serves again.
 //!
 //! Routes: `/` names the pid and generation that answered (also in
 //! `X-Baton-*` headers, which the project's load client checks), `/sleep/{ms}`
@@ -14,6 +15,7 @@ use std::time::Duration;
 use axum::extract::Path;
 use axum::routing::get;
 use axum::Router;
+use baton_tokio::handover::Versions;
 use baton_tokio::{Config, ListenAddr, Server, Tokio};
 use clap::Parser;
 
@@ -34,7 +36,8 @@ struct Args {
 async fn main() -> Result<(), baton_tokio::Error> {
     let args = Args::parse();
     baton_tokio::logger::init("axum", "tokio");
-    let mut config = Config::default();
+    // Both generations declare it: keep-alive connections move at upgrades.
+    let mut config = Config::default().state_versions(Versions::single(1));
     config.control = args.control;
     config.pid_file = args.pid_file;
     let mut server = Server::new(Tokio, config)?;

@@ -33,7 +33,13 @@
 //! With the `hyper` feature, `hyper::serve_connection` serves a hyper 1.x
 //! service on each connection with baton's drain semantics; with `axum`,
 //! `axum::serve` does it for an `axum::Router` (see `examples/axum.rs`
-//! and `examples/hyper.rs`).
+//! and `examples/hyper.rs`). With `Config::state_versions` in both
+//! generations, their keep-alive connections move to the next generation
+//! open at an upgrade, with the bytes hyper read and did not parse
+//! (`hyper::serve_moved` resumes them; `axum::serve` registers it). A
+//! connection whose last request had a body, that asked for an HTTP
+//! upgrade, or that hyper closes anyway drains instead: the `hyper`
+//! module says what hyper's API allows and why those cannot move.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "axum")]
