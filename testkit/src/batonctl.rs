@@ -98,13 +98,20 @@ pub fn run(command: &str, control: &Path, args: &[&str]) -> Ran {
         control.display(),
         args.join(" ")
     );
-    let output = Command::new(binary)
-        .arg(command)
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
+    let child = {
+        let _guard = crate::tempdir::spawn_guard();
+        Command::new(binary)
+            .arg(command)
+            .arg("--control")
+            .arg(control)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let output = child
+        .and_then(|child| child.wait_with_output())
         .unwrap_or_else(|e| panic!("cannot run {description}: {e}"));
     Ran::new(description, output)
 }

@@ -52,9 +52,11 @@ fn build(profile_dir: &Path, package: &str, bin: &str) {
     if let Some(target) = profile_dir.parent() {
         command.env("CARGO_TARGET_DIR", target);
     }
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
+    let spawned = {
+        let _guard = crate::tempdir::spawn_guard();
+        command.spawn()
+    };
+    let mut child = spawned.unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
     let stderr = child.stderr.take().expect("cargo's stderr");
     // Bounded by cargo's output, which ends when cargo does.
     for line in BufReader::new(stderr).lines() {

@@ -626,7 +626,11 @@ impl Server {
 fn spawn_retrying(command: &mut Command, description: &str) -> Child {
     let mut last = None;
     for _ in 0..50 {
-        match command.spawn() {
+        let spawned = {
+            let _guard = crate::tempdir::spawn_guard();
+            command.spawn()
+        };
+        match spawned {
             Ok(child) => return child,
             Err(e) if e.raw_os_error() == Some(Errno::ETXTBSY as i32) => {
                 last = Some(e);

@@ -6,6 +6,21 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+
+/// Held for reading around every spawn of this process and for writing
+/// while a binary is open for writing: a child forked meanwhile by another
+/// test thread inherits the write fd until its exec, and running the binary
+/// then fails with ETXTBSY ("Text file busy").
+static WRITING_BINARY: RwLock<()> = RwLock::new(());
+
+/// Hold while spawning a process (until `spawn` returns: the child has
+/// exec'd, and closed what it inherited close-on-exec).
+pub fn spawn_guard() -> RwLockReadGuard<'static, ()> {
+    WRITING_BINARY
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+}
 
 /// A fresh directory under the system temp dir, removed on drop.
 #[derive(Debug)]
@@ -42,6 +57,9 @@ impl Drop for TempDir {
 /// (mode 0755), then `rename` it over the old one.
 pub fn deploy_bytes(target: &Path, contents: &[u8]) {
     let tmp = sibling(target);
+    let writing = WRITING_BINARY
+        .write()
+        .unwrap_or_else(PoisonError::into_inner);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -52,13 +70,18 @@ pub fn deploy_bytes(target: &Path, contents: &[u8]) {
     file.write_all(contents).expect("write the new binary");
     file.sync_all().expect("sync the new binary");
     drop(file);
+    drop(writing);
     std::fs::rename(&tmp, target).expect("rename the new binary into place");
 }
 
 /// Replace `target` with a copy of `source` (copy next to it, then `rename`).
 pub fn deploy_copy(source: &Path, target: &Path) {
     let tmp = sibling(target);
+    let writing = WRITING_BINARY
+        .write()
+        .unwrap_or_else(PoisonError::into_inner);
     std::fs::copy(source, &tmp).expect("copy the binary");
+    drop(writing);
     std::fs::rename(&tmp, target).expect("rename the binary into place");
 }
 
