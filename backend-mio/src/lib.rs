@@ -446,7 +446,11 @@ impl Baton {
                 Err(e) => return Err(self.fail(e)),
             }
         }
-        match self.lifecycle.ready() {
+        let ready = self.lifecycle.ready();
+        // From now on the channel from the previous generation is watched:
+        // its commit, then the connections it moves.
+        self.after_lifecycle();
+        match ready {
             Ok(()) => Ok(()),
             Err(e @ baton_core::Error::PidFile(_)) => Err(self.fail(e.into())),
             Err(e) => {
