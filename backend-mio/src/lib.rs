@@ -745,18 +745,19 @@ impl Baton {
                         .collect();
                     self.events.push_back(Event::Moved(offers));
                 }
-                LifecycleEvent::Unmoved(offers) => {
-                    // After the force every connection is closed: these
-                    // too, dropped here.
-                    if !self.lifecycle.generation().tracker().is_forced() {
-                        self.events.push_back(Event::Unmoved(offers));
-                    }
+                // After the force every connection is closed: those that
+                // come back then are dropped below.
+                LifecycleEvent::Unmoved(offers)
+                    if !self.lifecycle.generation().tracker().is_forced() =>
+                {
+                    self.events.push_back(Event::Unmoved(offers));
                 }
                 LifecycleEvent::Exit(report) => {
                     self.done = true;
                     self.control.close_all();
                     self.events.push_back(Event::Drained(report));
                 }
+                // Unmoved after the force: dropped, closed.
                 _ => {}
             }
         }

@@ -252,7 +252,9 @@ fn an_upgrade_that_does_not_report_in_time_fails_and_one_meanwhile_is_refused() 
     let status = lp.ask(&path, "status");
     assert!(status.contains("did not report ready within"), "{status}");
     assert!(!lp.baton.is_stopping());
-    assert_eq!(lp.baton.next_timeout(), None, "nothing pending any more");
+    // Nothing pending any more, once the killed child is reaped (retried
+    // every 50 ms until it is: on a busy machine it can take a while).
+    lp.until(|lp| lp.baton.next_timeout().is_none());
 }
 
 #[test]
