@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ impl Loop {
         }
     }
 
-    fn listen(&mut self) -> (ListenerId, std::net::SocketAddr) {
+    fn listen(&mut self) -> (ListenerId, SocketAddr) {
         let id = self
             .baton
             .listen("http", &"127.0.0.1:0".parse().unwrap())
@@ -59,6 +59,15 @@ impl Loop {
             other => panic!("not a TCP listener: {other:?}"),
         };
         (id, addr)
+    }
+
+    /// Connect a client to listener `id` at `addr`, announced and accepted:
+    /// the client's end, the server's end and its guard.
+    fn connect(&mut self, id: ListenerId, addr: SocketAddr) -> (TcpStream, Stream, Connection) {
+        let client = TcpStream::connect(addr).unwrap();
+        assert!(matches!(self.next(), Event::Accept { listener } if listener == id));
+        let (stream, conn) = self.baton.accept(id).expect("a connection");
+        (client, stream, conn)
     }
 
     /// One turn of the loop, blocking as long as baton says it may (at
@@ -166,9 +175,7 @@ fn a_connection_is_announced_accepted_and_tracked() {
     assert_eq!(id.index(), 0);
     lp.baton.ready().unwrap();
     assert_eq!(lp.baton.next_timeout(), None, "idle: block until an event");
-    let _client = TcpStream::connect(addr).unwrap();
-    assert!(matches!(lp.next(), Event::Accept { listener } if listener == id));
-    let (_stream, conn) = lp.baton.accept(id).expect("a connection");
+    let (_client, _stream, conn) = lp.connect(id, addr);
     assert_eq!(lp.baton.tracker().open(), 1);
     assert!(!conn.is_draining());
     assert!(lp.baton.accept(id).is_none(), "queue empty");
@@ -317,9 +324,7 @@ fn the_drain_closes_idle_then_forces_what_is_still_busy_at_its_deadline() {
         .drain_timeout(Duration::from_millis(100));
     let mut lp = Loop::new(config);
     let (id, addr) = lp.listen();
-    let _client = TcpStream::connect(addr).unwrap();
-    assert!(matches!(lp.next(), Event::Accept { .. }));
-    let (_stream, mut conn) = lp.baton.accept(id).expect("a connection");
+    let (_client, _stream, mut conn) = lp.connect(id, addr);
     conn.set_busy();
     lp.baton.stop();
     assert!(matches!(lp.next(), Event::Stop { .. }));
@@ -341,9 +346,7 @@ fn the_drain_closes_idle_then_forces_what_is_still_busy_at_its_deadline() {
 fn a_stop_during_the_drain_forces_at_once() {
     let mut lp = Loop::new(Config::default().drain_timeout(WAIT * 10));
     let (id, addr) = lp.listen();
-    let _client = TcpStream::connect(addr).unwrap();
-    assert!(matches!(lp.next(), Event::Accept { .. }));
-    let (_stream, mut conn) = lp.baton.accept(id).expect("a connection");
+    let (_client, _stream, mut conn) = lp.connect(id, addr);
     conn.set_busy();
     lp.baton.stop();
     assert!(matches!(lp.next(), Event::Stop { .. }));
@@ -412,9 +415,7 @@ fn signals_upgrade_and_stop() {
     let mut lp = Loop::with(upgrading_to("exec sleep 30", WAIT).drain_timeout(WAIT * 10));
     let (id, addr) = lp.listen();
     lp.baton.ready().unwrap();
-    let _client = TcpStream::connect(addr).unwrap();
-    assert!(matches!(lp.next(), Event::Accept { .. }));
-    let (_stream, mut conn) = lp.baton.accept(id).expect("a connection");
+    let (_client, _stream, mut conn) = lp.connect(id, addr);
     conn.set_busy();
     signal_hook::low_level::raise(libc::SIGHUP).unwrap();
     lp.until(|lp| lp.upgrading());
@@ -520,9 +521,7 @@ fn no_resume_after_a_stop() {
     );
     let (id, addr) = lp.listen();
     lp.baton.ready().unwrap();
-    let _client = TcpStream::connect(addr).unwrap();
-    assert!(matches!(lp.next(), Event::Accept { .. }));
-    let (_stream, mut conn) = lp.baton.accept(id).expect("a connection");
+    let (_client, _stream, mut conn) = lp.connect(id, addr);
     conn.set_busy();
     let answer = lp.ask(&path, "upgrade");
     let upgraded = baton_core::control::parse_outcome(&answer).expect(&answer);
@@ -606,9 +605,7 @@ fn an_offer_while_no_move_is_open_comes_back_on_the_next_turn() {
     let (id, addr) = lp.listen();
     lp.baton.move_connections(["chat"]);
     lp.baton.ready().unwrap();
-    let mut client = TcpStream::connect(addr).unwrap();
-    assert!(matches!(lp.next(), Event::Accept { .. }));
-    let (stream, conn) = lp.baton.accept(id).expect("a connection");
+    let (mut client, stream, conn) = lp.connect(id, addr);
     assert_eq!(conn.can_move(), None, "no upgrade: no move");
     // Never registered: into_fd has nothing to deregister.
     offer(stream, conn, lp.poll.registry());
@@ -642,9 +639,7 @@ fn an_offer_that_comes_back_after_the_force_is_closed_by_baton() {
     let mut lp = Loop::new(config.state_versions(handover::Versions::single(1)));
     let (id, addr) = lp.listen();
     lp.baton.move_connections(["chat"]);
-    let _client = TcpStream::connect(addr).unwrap();
-    assert!(matches!(lp.next(), Event::Accept { .. }));
-    let (stream, mut conn) = lp.baton.accept(id).expect("a connection");
+    let (_client, stream, mut conn) = lp.connect(id, addr);
     conn.set_busy();
     lp.baton.stop();
     assert!(matches!(lp.next(), Event::Stop { .. }));
