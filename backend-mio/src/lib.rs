@@ -61,6 +61,10 @@
 //! }
 //! ```
 //!
+//! Open connections can also move, open, to the next generation at an
+//! upgrade instead of draining ([`Baton::move_connections`],
+//! [`Event::Moving`], [`Event::Moved`]); `examples/chat.rs` shows how.
+//!
 //! A whole server is in `examples/mio.rs`; the demo's mio backend
 //! (`baton-demo --backend mio`) drives HTTP/1.1 connections as explicit
 //! state machines on top of it.
@@ -81,8 +85,8 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token, Waker};
 
 pub use baton_core::{
-    logger, Config, Connection, DrainReport, ExitStatus, ListenAddr, Origin, StopReason, StopToken,
-    Tracker, UpgradeError, Upgraded,
+    handover, logger, Config, Connection, DrainReport, ExitStatus, ListenAddr, Offer, Origin,
+    StopReason, StopToken, Tracker, UpgradeError, Upgraded,
 };
 pub use listener::{Listener, Stream};
 
@@ -187,6 +191,20 @@ pub enum Event {
     /// and the watch on the next generation is over: how they ended. Exit
     /// now.
     Drained(DrainReport),
+    /// Connections may move to the next generation now (kinds named by
+    /// [`Baton::move_connections`]; comes after [`Event::Stop`] at an
+    /// upgrade): offer the idle ones at once, the busy ones once their
+    /// request is answered, while [`Connection::can_move`] says so.
+    Moving,
+    /// Connections the previous generation moved here, each with a guard
+    /// of this generation: register them ([`Stream::from_moved`] makes the
+    /// socket) and serve on from their saved state.
+    Moved(Vec<Offer>),
+    /// Connections offered that did not move (the next generation refused
+    /// or died, or moves had ended), with their own guards: register them
+    /// again and serve on; they drain as without a handover. Those that
+    /// come back after [`Event::ForceClose`] are closed by baton.
+    Unmoved(Vec<Offer>),
 }
 
 /// One listener and its accept back-off.
@@ -235,6 +253,8 @@ pub struct Baton {
     stopped: bool,
     /// Set at [`Event::Drained`]: nothing more happens.
     done: bool,
+    /// Whether connections may move, as last announced ([`Event::Moving`]).
+    moving: bool,
 }
 
 impl fmt::Debug for Baton {
@@ -303,6 +323,7 @@ impl Baton {
             events: VecDeque::new(),
             stopped: false,
             done: false,
+            moving: false,
         };
         if baton.config.handle_signals {
             if let Err(e) = baton.lifecycle.handle_signals() {
@@ -425,7 +446,11 @@ impl Baton {
                 Err(e) => return Err(self.fail(e)),
             }
         }
-        match self.lifecycle.ready() {
+        let ready = self.lifecycle.ready();
+        // From now on the channel from the previous generation is watched:
+        // its commit, then the connections it moves.
+        self.after_lifecycle();
+        match ready {
             Ok(()) => Ok(()),
             Err(e @ baton_core::Error::PidFile(_)) => Err(self.fail(e.into())),
             Err(e) => {
@@ -444,6 +469,20 @@ impl Baton {
         save: impl FnMut(u32) -> Vec<baton_core::handover::Item> + Send + Sync + 'static,
     ) {
         self.lifecycle.on_save_state(save);
+    }
+
+    /// Move open connections of these kinds to the next generation at each
+    /// upgrade instead of draining them, and take those the previous
+    /// generation moves (the live handover, see [`baton_core::lifecycle`];
+    /// needs [`Config::state_versions`]). At [`Event::Moving`], a
+    /// connection at a safe point (idle, or its request answered) stops
+    /// being read, saves its state in a [`handover::Item`] named by its
+    /// kind, with its socket from [`Stream::into_fd`], and is
+    /// [`offered`](Connection::offer); it comes back as [`Event::Moved`] in
+    /// the next generation, or as [`Event::Unmoved`] here if it did not
+    /// move. Baton sends offers on the next turn of the loop.
+    pub fn move_connections(&mut self, kinds: impl IntoIterator<Item = impl Into<String>>) {
+        self.lifecycle.move_connections(kinds);
     }
 
     /// The state the previous generation moves to this one; blocks up to
@@ -539,7 +578,8 @@ impl Baton {
     }
 
     /// How long the loop may block before baton has something to do:
-    /// `None` for "until an event", zero when events are already queued.
+    /// `None` for "until an event", zero when events are already queued
+    /// or connections offered can be sent.
     /// Call it right before `Poll::poll`, after the application has dropped
     /// its closed connections, so that a drain that just completed, or a
     /// listener held at the connection limit, is noticed.
@@ -554,7 +594,6 @@ impl Baton {
         {
             return Some(Duration::ZERO);
         }
-        let now = Instant::now();
         let next = self
             .listeners
             .iter()
@@ -562,7 +601,8 @@ impl Baton {
             .chain(self.lifecycle.poll_timeout())
             .chain(self.control.next_deadline())
             .min()?;
-        Some(next.saturating_duration_since(now))
+        // Read the clock last: a deadline of "now" (offers to send) is zero.
+        Some(next.saturating_duration_since(Instant::now()))
     }
 
     /// Handle the readiness of baton's sources among `events` and the
@@ -694,14 +734,43 @@ impl Baton {
                         }
                     }
                 }
+                LifecycleEvent::Moved(items) => {
+                    let tracker = self.lifecycle.generation().tracker();
+                    let offers = items
+                        .into_iter()
+                        .map(|item| Offer {
+                            item,
+                            conn: tracker.track(),
+                        })
+                        .collect();
+                    self.events.push_back(Event::Moved(offers));
+                }
+                // After the force every connection is closed: those that
+                // come back then are dropped below.
+                LifecycleEvent::Unmoved(offers)
+                    if !self.lifecycle.generation().tracker().is_forced() =>
+                {
+                    self.events.push_back(Event::Unmoved(offers));
+                }
                 LifecycleEvent::Exit(report) => {
                     self.done = true;
                     self.control.close_all();
                     self.events.push_back(Event::Drained(report));
                 }
+                // Unmoved after the force: dropped, closed.
                 _ => {}
             }
         }
+        let moving = self
+            .lifecycle
+            .generation()
+            .tracker()
+            .move_version()
+            .is_some();
+        if moving && !self.moving {
+            self.events.push_back(Event::Moving);
+        }
+        self.moving = moving;
         self.sync_watched();
     }
 

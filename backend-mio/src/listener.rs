@@ -3,7 +3,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::OwnedFd;
 
+use baton_core::handover::{take_stream, Item, MovedStream};
 use baton_core::{ListenSocket, ListenerHandoff};
 use mio::event::Source;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -110,6 +112,34 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// The socket as an fd, to move the connection to the next generation
+    /// ([`baton_core::Connection::offer`]): it is deregistered from
+    /// `registry` first (a stream never registered is fine), so this
+    /// generation hears nothing more of it.
+    pub fn into_fd(mut self, registry: &Registry) -> io::Result<OwnedFd> {
+        match self.deregister(registry) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        Ok(match self {
+            Stream::Tcp(stream) => stream.into(),
+            Stream::Unix(stream) => stream.into(),
+        })
+    }
+
+    /// The connection `item` moved here (its one fd), as a mio stream, to
+    /// register like an accepted one.
+    pub fn from_moved(item: &mut Item) -> io::Result<Stream> {
+        match take_stream(item)? {
+            MovedStream::Tcp(stream) => {
+                // As accepted ones: no Nagle delay.
+                stream.set_nodelay(true)?;
+                Ok(Stream::Tcp(TcpStream::from_std(stream)))
+            }
+            MovedStream::Unix(stream) => Ok(Stream::Unix(UnixStream::from_std(stream))),
         }
     }
 }

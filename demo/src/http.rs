@@ -126,6 +126,14 @@ impl RequestReader {
         self.buf.is_empty()
     }
 
+    /// The bytes received and not consumed by a returned request (pipelined
+    /// or partial requests), as they came: what a connection that moves to
+    /// another process takes with it. The reader is left empty.
+    pub fn take_unread(&mut self) -> Vec<u8> {
+        self.pending = None;
+        std::mem::take(&mut self.buf)
+    }
+
     /// Parse as far as the buffer allows; consume exactly one request's bytes when complete.
     fn advance(&mut self) -> Result<Option<Request>, u16> {
         if self.pending.is_none() {
@@ -898,6 +906,21 @@ mod tests {
         assert_eq!(bodies, [&b"abc"[..], b"wxyz", b""]);
         assert_eq!(got[2].path, "/sleep/5");
         assert!(reader.is_idle());
+    }
+
+    #[test]
+    fn take_unread_gives_back_what_no_request_consumed() {
+        let mut r = RequestReader::new();
+        let rest = b"POST /echo HTTP/1.1\r\nContent-Length: 4\r\n\r\nab";
+        r.push(b"GET / HTTP/1.1\r\n\r\n");
+        r.push(rest);
+        assert!(r.next_request().unwrap().is_some());
+        // The second head is parsed, its body not complete.
+        assert!(r.next_request().unwrap().is_none());
+        assert_eq!(r.take_unread(), rest);
+        assert!(r.is_idle());
+        r.push(b"GET /health HTTP/1.1\r\n\r\n");
+        assert_eq!(r.next_request().unwrap().unwrap().path, "/health");
     }
 
     #[test]

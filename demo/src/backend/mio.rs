@@ -8,6 +8,11 @@
 //! request in progress is finished and answered with `Connection: close`,
 //! idle connections close at [`Event::CloseIdle`] (a request that raced it
 //! is still served), and what is left at [`Event::ForceClose`] is cut.
+//! With `--handover on`, keep-alive connections move to the next
+//! generation instead, at request boundaries: idle ones when moves open
+//! ([`Event::Moving`]), busy ones once their response (kept alive) is
+//! written, each with the bytes read and not answered.
+//!
 //! Every wait is a deadline in a timer heap, so an idle server blocks in
 //! `poll` until the nearest one (or forever). An idle connection holds no
 //! buffer: reads land in one scratch buffer shared by all, and the response
@@ -19,7 +24,8 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use baton_mio::{Baton, Connection, DatagramId, Event, Stream};
+use baton_mio::handover::Item;
+use baton_mio::{Baton, Connection, DatagramId, Event, Offer, Stream};
 use mio::{Interest, Poll, Registry, Token};
 
 use crate::cli::{self, Options};
@@ -27,6 +33,9 @@ use crate::http::{self, Action, RequestReader, Response, ServerInfo};
 use crate::Failed;
 
 const BACKEND: &str = "mio";
+/// The kind of the connections that move, as on every backend: their
+/// payload is the bytes read and not answered.
+const KIND: &str = "http";
 /// Baton takes tokens `0..TOKENS`; connection `n` is `FIRST_CONN + n`.
 const FIRST_CONN: usize = baton_mio::TOKENS;
 /// Steps (a read, a request, a state change) one connection may take per
@@ -73,6 +82,9 @@ pub fn run(options: &Options) -> Result<(), Failed> {
         options,
     );
     baton.on_save_state(crate::stats::save);
+    if options.handover {
+        baton.move_connections([KIND]);
+    }
     baton.ready().map_err(|e| failed(&e))?;
     // After "ready": a new generation's own cache must not delay the handover.
     let delay = super::ballast_delay(baton.generation(), options);
@@ -105,9 +117,18 @@ pub fn run(options: &Options) -> Result<(), Failed> {
                 // listener again once a connection closed (back-pressure).
                 Event::Accept { listener } => {
                     while let Some((stream, conn)) = baton.accept(listener) {
-                        server.add(stream, conn);
+                        server.add(stream, conn, &[]);
                     }
                 }
+                // Connections that moved here, or came back from a failed move.
+                Event::Moved(offers) | Event::Unmoved(offers) => {
+                    for Offer { mut item, conn } in offers {
+                        if let Ok(stream) = Stream::from_moved(&mut item) {
+                            server.add(stream, conn, &item.payload);
+                        }
+                    }
+                }
+                Event::Moving => server.move_idle(),
                 Event::Datagram { socket } => {
                     if let Some(udp) = udp.as_mut().filter(|udp| udp.id == socket) {
                         udp.ready(&baton, &server.ctx.info);
@@ -235,8 +256,9 @@ impl<'a> Server<'a> {
         }
     }
 
-    /// Take an accepted connection; it may have sent its request already.
-    fn add(&mut self, mut stream: Stream, conn: Connection) {
+    /// Take an accepted connection (it may have sent its request already),
+    /// or one that moved with `unread` bytes.
+    fn add(&mut self, mut stream: Stream, conn: Connection, unread: &[u8]) {
         let slot = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
             self.conns.len() - 1
@@ -251,7 +273,9 @@ impl<'a> Server<'a> {
             return;
         }
         self.next_serial += 1;
-        self.conns[slot] = Some(Conn::new(self.next_serial, stream, conn));
+        let mut conn = Conn::new(self.next_serial, stream, conn);
+        conn.reader.push(unread);
+        self.conns[slot] = Some(conn);
         self.drive(slot, |conn, ctx| conn.drive(ctx));
     }
 
@@ -282,6 +306,9 @@ impl<'a> Server<'a> {
         if let Next::Drop = next {
             return self.remove(slot);
         }
+        if let Next::Move(version) = next {
+            return self.offer(slot, version);
+        }
         if let Next::Yield = next {
             self.yielded.push((slot, conn.serial));
         }
@@ -306,6 +333,27 @@ impl<'a> Server<'a> {
         if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
             let _ = self.registry.deregister(&mut conn.stream);
             self.free.push(slot);
+        }
+    }
+
+    /// Move the connection in `slot` to the next generation: the socket,
+    /// and as payload what it read and did not answer.
+    fn offer(&mut self, slot: usize, version: u32) {
+        if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
+            self.free.push(slot);
+            let unread = conn.reader.take_unread();
+            if let Ok(fd) = conn.stream.into_fd(&self.registry) {
+                conn.conn
+                    .offer(Item::new(KIND, version, unread).with_fds([fd]));
+            }
+        }
+    }
+
+    /// Moves opened: the connections waiting for a request move now (busy
+    /// ones once answered).
+    fn move_idle(&mut self) {
+        for slot in 0..self.conns.len() {
+            self.drive(slot, |conn, ctx| conn.drive(ctx));
         }
     }
 
@@ -366,6 +414,9 @@ enum Next {
     Yield,
     /// Nothing: close it now (no graceful close).
     Drop,
+    /// At a request boundary while moves are open: move it, at this state
+    /// version.
+    Move(u32),
 }
 
 /// Where a connection is in its life.
@@ -460,6 +511,10 @@ impl Conn {
                     let idle = self.reader.is_idle();
                     if idle {
                         self.conn.set_idle();
+                        // Between requests: move before reading more.
+                        if let Some(version) = self.conn.can_move() {
+                            return Next::Move(version);
+                        }
                     } else {
                         self.conn.set_busy();
                     }
@@ -516,6 +571,11 @@ impl Conn {
                     if close {
                         return self.close(ctx);
                     }
+                    // Answered: what was read after it (a pipelined
+                    // request) moves unanswered.
+                    if let Some(version) = self.conn.can_move() {
+                        return Next::Move(version);
+                    }
                     self.state = State::Reading;
                     self.rearm = true;
                 }
@@ -552,7 +612,7 @@ impl Conn {
             }
             State::Sleeping { then, keep_alive } => {
                 // Decided after the work: a stop during a /sleep still gets a close.
-                let close = !keep_alive || self.conn.is_draining();
+                let close = self.must_close(keep_alive);
                 self.respond(&then, close, false, ctx);
                 self.drive(ctx)
             }
@@ -580,7 +640,7 @@ impl Conn {
     fn handle(&mut self, request: &http::Request, ctx: &mut Ctx<'_>) {
         match http::handle(request, &ctx.info) {
             Action::Respond(response) => {
-                let close = !request.keep_alive || self.conn.is_draining();
+                let close = self.must_close(request.keep_alive);
                 self.respond(&response, close, false, ctx);
             }
             Action::Sleep { delay, then } => {
@@ -591,6 +651,12 @@ impl Conn {
                 };
             }
         }
+    }
+
+    /// Whether the response ends the connection: the client asks to, or
+    /// this generation drains it (one that moves stays open).
+    fn must_close(&self, keep_alive: bool) -> bool {
+        !keep_alive || (self.conn.is_draining() && self.conn.can_move().is_none())
     }
 
     fn respond(&mut self, response: &Response, close: bool, stay_busy: bool, ctx: &Ctx<'_>) {
