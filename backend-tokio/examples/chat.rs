@@ -1,4 +1,4 @@
-// cargo run -p baton-tokio --example chat -- --listen 127.0.0.1:7100 --control /tmp/chat.sock
+// cargo run -p baton-tokio --example tokio-chat -- --listen 127.0.0.1:7100 --control /tmp/chat.sock
 //! A line-protocol chat whose connections live through upgrades: at each
 //! `kill -HUP` (or `batonctl upgrade --control /tmp/chat.sock`) every
 //! connection moves, open, to the new generation with its state — no client
