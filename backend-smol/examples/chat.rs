@@ -104,7 +104,8 @@ impl Chat {
 /// What ended a wait for the client's next bytes.
 enum Woken {
     Read(io::Result<usize>),
-    /// Moving (the loop offers it) or draining without a handover.
+    /// Moving (the loop offers it), or closing idle connections (a drain
+    /// without a handover).
     Moving,
 }
 
@@ -144,8 +145,10 @@ async fn serve(mut stream: Stream, mut conn: Connection, mut chat: Chat) {
         match future::or(read, moving).await {
             Woken::Read(Ok(0) | Err(_)) => return,
             Woken::Read(Ok(n)) => chat.unread.extend_from_slice(&chunk[..n]),
+            // Moves that closed again since (a failed move) leave it
+            // served here.
             Woken::Moving => {
-                if conn.can_move().is_none() {
+                if conn.can_move().is_none() && tracker.is_closing_idle() {
                     return;
                 }
             }

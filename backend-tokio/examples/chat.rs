@@ -129,9 +129,11 @@ async fn serve(mut stream: Stream, mut conn: Connection, mut chat: Chat) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => chat.unread.extend_from_slice(&chunk[..n]),
             },
-            // Moving (the loop offers it) or draining without a handover.
+            // Moving (the loop offers it), or closing idle connections
+            // (a drain without a handover). Moves that closed again
+            // since (a failed move) leave it served here.
             () = tracker.moving_or_closing_idle() => {
-                if conn.can_move().is_none() {
+                if conn.can_move().is_none() && tracker.is_closing_idle() {
                     return;
                 }
             }

@@ -18,7 +18,7 @@
 //!
 //! | test | what it shows |
 //! |---|---|
-//! | [`clients_stay_connected_through_upgrades`] | [`CLIENTS`] clients sending without pause through [`UPGRADES`] upgrades through `batonctl`: none disconnected or failed, every counter continued without a gap, each client was answered by every generation in turn, traffic was answered during every upgrade, each old generation moved all and closed none (`drained: 50 moved / 1 finished / 0 closed idle / 0 forced`, the one finished being `batonctl`'s control connection); `batonctl stop` then closes the idle clients after the idle grace and every generation exits 0 |
+//! | [`clients_stay_connected_through_upgrades`] | [`CLIENTS`] clients sending without pause through [`UPGRADES`] upgrades through `batonctl`: none disconnected or failed, every counter continued without a gap, each client was answered by generations in their order only and by every one the test waited for (every other one), traffic was answered during every upgrade that started with all clients settled, each old generation moved all and closed none (`drained: 50 moved / 1 finished / 0 closed idle / 0 forced`, the one finished being `batonctl`'s control connection); `batonctl stop` then closes the idle clients after the idle grace and every generation exits 0 |
 //! | [`half_line_moves_with_the_connection`] | a line half read by the old generation when the upgrade comes moves in the connection's state: its rest, sent after the move, completes it, and the new generation answers it with the next counter |
 //!
 //! Every wait is on a reply, a log line or a `batonctl` exit, bounded in
@@ -270,7 +270,7 @@ impl Traffic {
 
     /// Wait until every client was answered by `pid`, or a client failed.
     #[track_caller]
-    fn wait_all_answered_by(&self, server: &Server, pid: u32, timeout: Duration) {
+    fn wait_all_answered_by(&self, server: &mut Server, pid: u32, timeout: Duration) {
         let (board, changed) = &*self.board;
         let board = board.lock().unwrap_or_else(PoisonError::into_inner);
         let (board, _) = changed
@@ -278,6 +278,8 @@ impl Traffic {
                 b.failure.is_none() && b.last_pid.iter().any(|&p| p != pid)
             })
             .unwrap_or_else(PoisonError::into_inner);
+        // The lines logged meanwhile tell why, if this fails.
+        server.poll();
         if let Some(failure) = &board.failure {
             server.fail(failure);
         }
@@ -375,44 +377,63 @@ fn expect_drained(server: &mut Server, pid: u32, expected: &str) {
 /// [`CLIENTS`] clients send without pause through [`UPGRADES`] upgrades
 /// through `batonctl`; none is disconnected, every counter goes on.
 ///
-/// Each upgrade starts once every client was answered by the generation
-/// before it (an event per client, bounded in time): so each client must
-/// be answered by every generation, in order — all 101 of them, no bound
-/// to guess. Without that pacing a generation can be asked to upgrade
-/// before a client spoke to it, and the client goes through unanswered
-/// (still correct, but the count is then a matter of timing).
+/// Every other upgrade (and the last) starts only once every client was
+/// answered by the generation before it (an event per client, bounded in
+/// time); the ones between follow at once, so connections also arrive in
+/// a generation that is already moving them on. Each client must then be
+/// answered by every waited-for generation, and by generations in their
+/// order only: 51 of the 101 at least, however the machine is loaded, and
+/// no generation after a newer one (a connection that moved back). Without
+/// a wait, a generation can be asked to upgrade before a client spoke to
+/// it, and the client passes through it unanswered: correct, but how often
+/// is a matter of timing, no bound to rely on.
 pub fn clients_stay_connected_through_upgrades(example: &str) {
     let started = Instant::now();
     let deploy = Deploy::new(example, "chat-storm");
     let mut server = deploy.start();
     let mut generations = vec![server.pid()];
+    let mut waited = vec![server.pid()];
     let traffic = Traffic::start(&server, CLIENTS, server.pid());
     let mut quietest = u64::MAX;
     for round in 1..=UPGRADES {
         let before = traffic.replies();
         let pid = deploy.upgrade(&mut server, round);
-        // Replies that came while `batonctl upgrade` ran: the traffic
-        // went on during the upgrade.
-        quietest = quietest.min(traffic.replies() - before);
+        // Replies that came while `batonctl upgrade` ran, when it started
+        // with every client answered by the generation it upgraded: the
+        // traffic went on during the upgrade. (An upgrade right after
+        // another may find every connection still in transit.)
+        let settled = round % 2 == 1;
+        if settled {
+            quietest = quietest.min(traffic.replies() - before);
+        }
         generations.push(pid);
-        traffic.wait_all_answered_by(&server, pid, LINE_TIMEOUT);
+        if !settled || round == UPGRADES {
+            traffic.wait_all_answered_by(&mut server, pid, LINE_TIMEOUT);
+            waited.push(pid);
+        }
     }
     let replies = traffic.replies();
     let ends = traffic.stop();
     let storm = started.elapsed();
     server.check(
         quietest > 0,
-        "no reply came during some upgrade: the traffic stopped",
+        "no reply came during an upgrade that started with every client settled: the traffic stopped",
     );
     let mut clients = Vec::new();
+    let mut fewest = generations.len();
     for (index, end) in ends.into_iter().enumerate() {
+        let mut later = generations.iter();
+        let in_order = end.pids.iter().all(|pid| later.any(|g| g == pid));
+        let every_waited = waited.iter().all(|pid| end.pids.contains(pid));
         server.check(
-            end.pids == generations,
+            in_order && every_waited,
             format_args!(
-                "client c{index} was answered by {:?}, expected every generation in turn: {generations:?}",
+                "client c{index} was answered by {:?}; expected generations in their order \
+                 {generations:?}, with every one of {waited:?}",
                 end.pids
             ),
         );
+        fewest = fewest.min(end.pids.len());
         match end.client {
             Some(client) => clients.push(client),
             None => server.fail(format_args!("client c{index} failed")),
@@ -449,7 +470,7 @@ pub fn clients_stay_connected_through_upgrades(example: &str) {
     deploy.expect_no_pid_file(&server);
     eprintln!(
         "{example}: {CLIENTS} clients through {UPGRADES} upgrades in {storm:?}: {replies} replies, \
-         at least {quietest} during each upgrade"
+         at least {quietest} during each settled upgrade; each client answered by {fewest} generations at least"
     );
 }
 

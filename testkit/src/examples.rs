@@ -190,6 +190,8 @@ impl Deploy {
         let old = server.pid();
         let ran = self.batonctl("upgrade");
         let Some((pid, generation)) = ran.upgraded().filter(|_| ran.code == Some(0)) else {
+            // The lines logged while `batonctl` ran tell why.
+            server.poll();
             server.fail(format_args!("upgrade {round}: {ran}"))
         };
         server.check(
