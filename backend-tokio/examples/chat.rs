@@ -1,4 +1,4 @@
-// cargo run -p baton-tokio --example chat -- --listen 127.0.0.1:7100 --control /tmp/chat.sock
+// cargo run -p baton-tokio --example tokio-chat -- --listen 127.0.0.1:7100 --control /tmp/chat.sock
 //! A line-protocol chat whose connections live through upgrades: at each
 //! `kill -HUP` (or `batonctl upgrade --control /tmp/chat.sock`) every
 //! connection moves, open, to the new generation with its state — no client
@@ -129,9 +129,11 @@ async fn serve(mut stream: Stream, mut conn: Connection, mut chat: Chat) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => chat.unread.extend_from_slice(&chunk[..n]),
             },
-            // Moving (the loop offers it) or draining without a handover.
+            // Moving (the loop offers it), or closing idle connections
+            // (a drain without a handover). Moves that closed again
+            // since (a failed move) leave it served here.
             () = tracker.moving_or_closing_idle() => {
-                if conn.can_move().is_none() {
+                if conn.can_move().is_none() && tracker.is_closing_idle() {
                     return;
                 }
             }

@@ -110,7 +110,7 @@ macro_rules! example_tests {
 /// the temp dir that a test replaces as a deploy tool would), its control
 /// socket and its PID file.
 #[derive(Debug)]
-struct Deploy {
+pub(crate) struct Deploy {
     dir: TempDir,
     built: PathBuf,
     binary: PathBuf,
@@ -118,7 +118,7 @@ struct Deploy {
 
 impl Deploy {
     /// Run the example as cargo built it.
-    fn new(example: &str, label: &str) -> Deploy {
+    pub(crate) fn new(example: &str, label: &str) -> Deploy {
         let built = example_binary(example);
         if let Some(source) = newer_source(&built) {
             panic!(
@@ -165,7 +165,7 @@ impl Deploy {
 
     /// Start it and wait until it serves.
     #[track_caller]
-    fn start(&self) -> Server {
+    pub(crate) fn start(&self) -> Server {
         Server::start_command(self.command())
     }
 
@@ -178,8 +178,36 @@ impl Deploy {
         deploy_copy(&self.built, &self.binary);
     }
 
-    fn batonctl(&self, command: &str) -> Ran {
+    pub(crate) fn batonctl(&self, command: &str) -> Ran {
         batonctl::run(command, &self.control(), &[])
+    }
+
+    /// `batonctl upgrade` from generation `round - 1`: it must exit 0
+    /// naming generation `round`, and the harness follows it once the old
+    /// generation logs `upgrade done`. Returns the new pid.
+    #[track_caller]
+    pub(crate) fn upgrade(&self, server: &mut Server, round: u64) -> u32 {
+        let old = server.pid();
+        let ran = self.batonctl("upgrade");
+        let Some((pid, generation)) = ran.upgraded().filter(|_| ran.code == Some(0)) else {
+            // The lines logged while `batonctl` ran tell why.
+            server.poll();
+            server.fail(format_args!("upgrade {round}: {ran}"))
+        };
+        server.check(
+            generation == round,
+            format_args!("upgrade {round} named generation {generation}: {ran}"),
+        );
+        server.wait_for_pid(old, &format!("upgrade done: pid {pid} "), LINE_TIMEOUT);
+        server.check(
+            server.pid() == pid && server.generation() == round,
+            format_args!(
+                "after upgrade {round}: the harness follows pid {} generation {}, batonctl named {pid}",
+                server.pid(),
+                server.generation()
+            ),
+        );
+        pid
     }
 
     /// The pid in the PID file, if there is one.
@@ -201,7 +229,7 @@ impl Deploy {
     }
 
     #[track_caller]
-    fn expect_no_pid_file(&self, server: &Server) {
+    pub(crate) fn expect_no_pid_file(&self, server: &Server) {
         let exists = self.pid_file().exists();
         server.check(
             !exists,
@@ -351,23 +379,7 @@ pub fn upgrade_storm_through_batonctl(example: &str) {
     let mut old_generations = Vec::new();
     for round in 1..=UPGRADES {
         let old = server.pid();
-        let ran = deploy.batonctl("upgrade");
-        let Some((pid, generation)) = ran.upgraded().filter(|_| ran.code == Some(0)) else {
-            server.fail(format_args!("upgrade {round}: {ran}"))
-        };
-        server.check(
-            generation == round,
-            format_args!("upgrade {round} named generation {generation}: {ran}"),
-        );
-        server.wait_for_pid(old, &format!("upgrade done: pid {pid} "), LINE_TIMEOUT);
-        server.check(
-            server.pid() == pid && server.generation() == round,
-            format_args!(
-                "after upgrade {round}: the harness follows pid {} generation {}, batonctl named {pid}",
-                server.pid(),
-                server.generation()
-            ),
-        );
+        let pid = deploy.upgrade(&mut server, round);
         let reply = server.wait_answered_by(round);
         server.check(
             reply.pid == Some(pid),

@@ -17,6 +17,8 @@
 //! - [`batonctl`]: the real `batonctl` binary, found or built, and its runs.
 //! - [`examples`]: the suite every crate's examples go through, one line per
 //!   example with [`example_tests!`].
+//! - [`chat`]: the chat examples' suite (connections that move, open,
+//!   through upgrades), one line per backend with [`chat_tests!`].
 //!
 //! Every wait is bounded and synchronises on an event (a line, a response, a
 //! pid), never on a sleep; traffic goes to loopback only.
@@ -25,6 +27,7 @@
 
 pub mod batonctl;
 mod binaries;
+pub mod chat;
 pub mod examples;
 pub mod harness;
 pub mod http;
