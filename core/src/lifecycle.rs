@@ -523,7 +523,8 @@ impl Lifecycle {
                     next = now;
                 } else if d.watch_until > now {
                     next = next.min(d.watch_until);
-                } else if self.unreaped == 0 {
+                } else if self.unreaped == 0 && self.receiving.as_ref().is_none_or(is_between) {
+                    // (Connections on their way here: the channel wakes.)
                     next = now;
                 }
             }
@@ -944,7 +945,10 @@ impl Lifecycle {
         // is not left to whoever inherits it (bounded by the drain deadline).
         self.unreaped = self.generation.reap_exited();
         let children_done = self.unreaped == 0 || drain.deadline <= now;
-        if connections_done && watch_over && children_done {
+        // Connections the previous generation is moving here are taken
+        // (and moved on, or drained) before this one exits.
+        let arrivals_done = self.receiving.as_ref().is_none_or(is_between) || drain.deadline <= now;
+        if connections_done && watch_over && children_done && arrivals_done {
             let report = self.generation.tracker().report();
             log::info!("drained: {report}");
             log::info!("exit");
@@ -1086,7 +1090,11 @@ fn drive_receiving(
         let event = match receiving.receiver.poll() {
             Ok(None) if !receiving.receiver.is_finished() => return Keep::Yes,
             Ok(Some(event)) => event,
-            Ok(None) | Err(_) => return Keep::No,
+            Ok(None) => return Keep::No,
+            Err(e) => {
+                log::info!("moves: channel from the previous generation: {e}");
+                return Keep::No;
+            }
         };
         match event {
             ReceiverEvent::Committed if receiving.held.is_empty() => {
