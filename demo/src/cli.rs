@@ -101,7 +101,7 @@ pub struct Options {
     /// as a plain drain does (`Connection: close`; idle ones closed after
     /// --idle-grace). Moving needs a common state version (--state-version
     /// at least 1 in both generations); without one, connections drain.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub handover: bool,
     /// Read --state-version from this file at start-up (every generation
     /// re-reads it), to upgrade to a generation of another state version.
@@ -315,6 +315,15 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn handover_on_by_default_and_off_on_request() {
+        assert!(Options::parse_from(["baton-demo"]).handover);
+        assert!(Options::parse_from(["baton-demo", "--handover", "on"]).handover);
+        assert!(!Options::parse_from(["baton-demo", "--handover", "off"]).handover);
+        assert!(Options::try_parse_from(["baton-demo", "--handover", "yes"]).is_err());
+        assert!(Options::try_parse_from(["baton-demo", "--handover"]).is_err());
     }
 
     #[test]
