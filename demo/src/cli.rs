@@ -318,6 +318,15 @@ mod tests {
     }
 
     #[test]
+    fn handover_on_by_default_and_off_on_request() {
+        assert!(Options::parse_from(["baton-demo"]).handover);
+        assert!(Options::parse_from(["baton-demo", "--handover", "on"]).handover);
+        assert!(!Options::parse_from(["baton-demo", "--handover", "off"]).handover);
+        assert!(Options::try_parse_from(["baton-demo", "--handover", "yes"]).is_err());
+        assert!(Options::try_parse_from(["baton-demo", "--handover"]).is_err());
+    }
+
+    #[test]
     fn unknown_backend_lists_the_available_ones() {
         let options = Options::parse_from(["baton-demo", "--backend", "nope"]);
         let err = options.backend().unwrap_err();

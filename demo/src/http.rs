@@ -14,6 +14,11 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// Longest delay `/sleep/<ms>` accepts; above this -> 400.
 pub const MAX_SLEEP_MS: u64 = 60_000;
 
+/// The kind of handover item an HTTP connection moves to the next
+/// generation as (every backend uses it, so connections move between
+/// runtimes too); its payload is [`RequestReader::take_unread`].
+pub const MOVED_KIND: &str = "http";
+
 /// Most headers in one request; more -> 431.
 const MAX_HEADERS: usize = 64;
 /// Longest chunk-size line (size plus extensions); longer is malformed (400).
@@ -126,10 +131,13 @@ impl RequestReader {
         self.buf.is_empty()
     }
 
-    /// The bytes received and not consumed by a returned request (pipelined
-    /// or partial requests), as they came: what a connection that moves to
-    /// another process takes with it. The reader is left empty.
+    /// Take the bytes received and not yet returned as a request (a
+    /// pipelined or partial one), leaving the reader empty: what a
+    /// connection that moves to the next generation carries with it, to be
+    /// [`push`](Self::push)ed into a new reader there, which parses them as
+    /// this one would have.
     pub fn take_unread(&mut self) -> Vec<u8> {
+        // The parsed head of a partial request is still in `buf`: parsed again there.
         self.pending = None;
         std::mem::take(&mut self.buf)
     }
@@ -938,6 +946,40 @@ mod tests {
         reader.push(b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\n\r\na");
         assert_eq!(reader.next_request(), Ok(None));
         assert!(!reader.is_idle());
+    }
+
+    #[test]
+    fn unread_bytes_resume_in_a_new_reader() {
+        // A request answered, then a whole pipelined one and a chunked one
+        // whose head and first chunk are parsed and whose body is still
+        // arriving: what a connection moving to the next generation carries.
+        let mut old = RequestReader::new();
+        old.push(
+            b"GET / HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\n\r\n\
+              POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nd",
+        );
+        assert_eq!(
+            old.next_request().map(|r| r.map(|r| r.path)),
+            Ok(Some("/".to_owned()))
+        );
+        let unread = old.take_unread();
+        assert!(unread.starts_with(b"GET /health "), "{unread:?}");
+        assert!(old.is_idle());
+        assert_eq!(old.next_request(), Ok(None));
+        let mut new = RequestReader::new();
+        new.push(&unread);
+        assert_eq!(
+            new.next_request().map(|r| r.map(|r| r.path)),
+            Ok(Some("/health".to_owned()))
+        );
+        assert_eq!(new.next_request(), Ok(None));
+        // Moved again mid-body, then the rest arrives.
+        let mut newer = RequestReader::new();
+        newer.push(&new.take_unread());
+        newer.push(b"e\r\n0\r\n\r\n");
+        let echo = newer.next_request().map(|r| r.map(|r| r.body));
+        assert_eq!(echo, Ok(Some(b"abcde".to_vec())));
+        assert!(newer.is_idle());
     }
 
     #[test]

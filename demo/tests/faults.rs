@@ -648,7 +648,9 @@ fn kind(target: &str) -> String {
 /// Generation 1 holds the very listening socket of generation 0 (same
 /// inode), non-blocking and close-on-exec, and the same kinds of fds.
 fn fd_hygiene(backend: &str) {
-    let mut server = Server::start(BINARY, backend, &[]);
+    // Generation 0 outlives the comparison (its watch window), so
+    // generation 1 still holds its handover channel to it (see below).
+    let mut server = Server::start(BINARY, backend, &["--successor-watch", "60s"]);
     let old = server.pid();
     let port = server.addr().port();
     let inode = listener_inode(port).unwrap_or_else(|| server.fail("no listener in /proc/net/tcp"));
@@ -680,8 +682,11 @@ fn fd_hygiene(backend: &str) {
     let mut new_links = Vec::new();
     let mut old_kinds: Vec<String> = old_links.iter().map(|(_, t)| kind(t)).collect();
     // Generation 1 also holds its readiness pipe to generation 0, kept to
-    // report a hand-over of its own (DESIGN.md, the wire protocol).
+    // report a hand-over of its own (DESIGN.md, the wire protocol), and,
+    // while generation 0 lives, its end of the handover channel, over which
+    // the connections move (--handover on).
     old_kinds.push(kind("pipe:[readiness]"));
+    old_kinds.push(kind("socket:[handover]"));
     old_kinds.sort();
     for _ in 0..500 {
         new_links = fd_links(&new.to_string()).into_iter().collect();

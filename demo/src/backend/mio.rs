@@ -33,9 +33,6 @@ use crate::http::{self, Action, RequestReader, Response, ServerInfo};
 use crate::Failed;
 
 const BACKEND: &str = "mio";
-/// The kind of the connections that move, as on every backend: their
-/// payload is the bytes read and not answered.
-const KIND: &str = "http";
 /// Baton takes tokens `0..TOKENS`; connection `n` is `FIRST_CONN + n`.
 const FIRST_CONN: usize = baton_mio::TOKENS;
 /// Steps (a read, a request, a state change) one connection may take per
@@ -83,7 +80,7 @@ pub fn run(options: &Options) -> Result<(), Failed> {
     );
     baton.on_save_state(crate::stats::save);
     if options.handover {
-        baton.move_connections([KIND]);
+        baton.move_connections([http::MOVED_KIND]);
     }
     baton.ready().map_err(|e| failed(&e))?;
     // After "ready": a new generation's own cache must not delay the handover.
@@ -344,7 +341,7 @@ impl<'a> Server<'a> {
             let unread = conn.reader.take_unread();
             if let Ok(fd) = conn.stream.into_fd(&self.registry) {
                 conn.conn
-                    .offer(Item::new(KIND, version, unread).with_fds([fd]));
+                    .offer(Item::new(http::MOVED_KIND, version, unread).with_fds([fd]));
             }
         }
     }

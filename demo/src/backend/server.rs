@@ -1,6 +1,7 @@
 //! The demo on an async runtime, written once for tokio and smol: baton's
 //! [`Server`] owns the lifecycle (signals, control socket, upgrade, drain,
-//! resume); this module only names the listeners and serves HTTP and UDP.
+//! resume, moves); this module only names the listeners and serves HTTP
+//! (accepted, or moved here with `--handover on`) and UDP.
 
 use std::io;
 use std::net::UdpSocket;
@@ -14,16 +15,17 @@ use futures_lite::future;
 
 use super::conn::{self, Io};
 use crate::cli::{self, Options};
-use crate::http::ServerInfo;
+use crate::http::{self, RequestReader, ServerInfo};
 use crate::Failed;
 
-/// The connection timeouts of the demo's flags.
-pub fn timeouts(options: &Options) -> conn::Timeouts {
-    conn::Timeouts {
+/// How connections behave, from the demo's flags.
+pub fn settings(options: &Options) -> conn::Settings {
+    conn::Settings {
         idle_grace: options.idle_grace,
         idle_timeout: options.idle_timeout,
         header_timeout: options.header_timeout,
         write_timeout: options.write_timeout,
+        handover: options.handover,
     }
 }
 
@@ -67,10 +69,18 @@ where
         super::ballast_delay(server.generation(), options),
     );
     server.on_ready(move || crate::ballast::fill_in_background(ballast, delay));
-    let timeouts = timeouts(options);
+    let settings = settings(options);
+    if options.handover {
+        // Without it the lifecycle moves nothing: connections drain.
+        let (timers, info) = (timers.clone(), info.clone());
+        server.on_moved(http::MOVED_KIND, move |item, conn| {
+            conn::resume::<R, L::Stream>(timers.clone(), item, conn, info.clone(), settings)
+        });
+    }
     server
         .serve(move |stream, conn| {
-            conn::serve(timers.clone(), stream, conn, info.clone(), timeouts)
+            let reader = RequestReader::new();
+            conn::serve(timers.clone(), stream, conn, reader, info.clone(), settings)
         })
         .await
         .map_err(failed)?;

@@ -2,8 +2,10 @@
 //! async-io's reactor driving [`super::server`].
 
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use baton_smol::handover::Item;
 use baton_smol::{Listener, Smol, Stream};
 use smol::io::AsyncWriteExt;
 use smol::Executor;
@@ -73,5 +75,13 @@ impl Io for Stream {
     async fn shutdown(&mut self) -> io::Result<()> {
         // baton-smol's streams shut down their write half on close.
         AsyncWriteExt::close(self).await
+    }
+
+    fn into_fd(self) -> io::Result<OwnedFd> {
+        Stream::into_fd(self)
+    }
+
+    fn from_moved(item: &mut Item) -> io::Result<Self> {
+        Stream::from_moved(item)
     }
 }

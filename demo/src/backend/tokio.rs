@@ -2,7 +2,9 @@
 //! [`super::server`].
 
 use std::io;
+use std::os::fd::OwnedFd;
 
+use baton_tokio::handover::Item;
 use baton_tokio::{Listener, Stream, Tokio};
 use tokio::io::AsyncWriteExt;
 
@@ -43,5 +45,13 @@ impl Io for Stream {
 
     async fn shutdown(&mut self) -> io::Result<()> {
         AsyncWriteExt::shutdown(self).await
+    }
+
+    fn into_fd(self) -> io::Result<OwnedFd> {
+        Stream::into_fd(self)
+    }
+
+    fn from_moved(item: &mut Item) -> io::Result<Self> {
+        Stream::from_moved(item)
     }
 }
