@@ -701,13 +701,13 @@ impl Lifecycle {
             .as_mut()
             .filter(|_| tracker.move_version().is_some())
         else {
-            self.events.push_back(Event::Unmoved(offers));
+            give_back(&mut self.events, offers);
             return;
         };
         let (count, pid) = (offers.len(), moving.pid);
         if let Err(e) = moving.sender.begin() {
             log::info!("moves: {e}; {count} connections stay");
-            self.events.push_back(Event::Unmoved(offers));
+            give_back(&mut self.events, offers);
             return;
         }
         let mut refused = Vec::new();
@@ -721,7 +721,7 @@ impl Lifecycle {
             }
         }
         if !refused.is_empty() {
-            self.events.push_back(Event::Unmoved(refused));
+            give_back(&mut self.events, refused);
         }
         log::debug!(
             "moves: offering {} connections to new process {pid}",
@@ -1074,6 +1074,15 @@ fn send_items(sender: &mut Sender, items: Vec<Item>, pid: u32) -> Result<(), Han
     sender.end()
 }
 
+/// Connections offered that did not move: back to the application, for
+/// good (they are not offered again).
+fn give_back(events: &mut VecDeque<Event>, mut offers: Vec<Offer>) {
+    for offer in &mut offers {
+        offer.conn.set_stays();
+    }
+    events.push_back(Event::Unmoved(offers));
+}
+
 /// True between transactions (nothing held, nothing being received).
 fn is_between(receiving: &Receiving) -> bool {
     receiving.held.is_empty() && receiving.receiver.can_begin()
@@ -1173,7 +1182,7 @@ fn drive_moving(moving: &mut Moving, moves: bool, events: &mut VecDeque<Event>) 
                     .zip(moving.in_flight.drain(..))
                     .map(|(item, conn)| Offer { item, conn })
                     .collect();
-                events.push_back(Event::Unmoved(offers));
+                give_back(events, offers);
                 return Keep::No;
             }
             SenderEvent::Closed => {

@@ -650,7 +650,8 @@ fn a_new_generation_killed_before_the_commit_leaves_every_connection_here() {
     assert_eq!(read_line(&stream), "ping\n");
     (&stream).write_all(b"still here\n").unwrap();
     assert_eq!(read_line(&client), "still here\n");
-    // No more moves: a later offer comes back too.
+    // It stays here for good (no offer-refuse loop), and moves ended: a
+    // later offer comes back too.
     assert_eq!(first.conn.can_move(), None);
     first.conn.offer(first.item);
     let events = drive(&mut lifecycle, |e| matches!(e, Event::Unmoved(_)));

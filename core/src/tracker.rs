@@ -127,6 +127,7 @@ impl Tracker {
             busy: false,
             served_after_stop: false,
             moved: false,
+            stays: false,
         }
     }
 
@@ -296,6 +297,9 @@ pub struct Connection {
     served_after_stop: bool,
     /// Committed to the next generation: counted as moved.
     moved: bool,
+    /// Offered and given back: it stays in this generation, so that it
+    /// cannot be offered and refused again in a loop.
+    stays: bool,
 }
 
 /// Whether connections may move now, and those offered.
@@ -350,10 +354,10 @@ impl Connection {
     /// The state version to save this connection at, while it may move to
     /// the next generation: at a safe point (idle, or its request answered)
     /// stop reading it, save it and [`offer`](Self::offer) it instead of
-    /// closing it. `None` when it may not move (no handover, or it
-    /// failed): drain it as usual.
+    /// closing it. `None` when it may not move (no handover, or its move
+    /// failed: it came back and stays): drain it as usual.
     pub fn can_move(&self) -> Option<u32> {
-        self.tracker.move_version()
+        self.tracker.move_version().filter(|_| !self.stays)
     }
 
     /// Hand this connection to the lifecycle to move to the next
@@ -367,6 +371,11 @@ impl Connection {
         let tracker = self.tracker.clone();
         tracker.moves().offered.push(Offer { item, conn: self });
         tracker.inner.changed.notify(usize::MAX);
+    }
+
+    /// The move failed: the connection stays here for good.
+    pub(crate) fn set_stays(&mut self) {
+        self.stays = true;
     }
 
     /// The move was committed: dropping the guard counts it as moved.
@@ -545,6 +554,11 @@ mod tests {
         let offers = tracker.take_offers();
         let names: Vec<&str> = offers.iter().map(|o| o.item.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
+        // One that came back stays, while the others may still move.
+        let mut offers = offers;
+        offers[1].conn.set_stays();
+        assert_eq!(offers[0].conn.can_move(), Some(3));
+        assert_eq!(offers[1].conn.can_move(), None);
         tracker.close_moves();
         assert_eq!(tracker.move_version(), None);
         let mut offers = offers.into_iter();
