@@ -118,6 +118,15 @@ impl End {
         let got = match seqpacket::recv(self.fd.as_fd(), &mut self.buf, &mut self.cmsg) {
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            // The peer closed with frames of ours unread: the kernel reports
+            // the reset once, ahead of what the peer sent last (an abort
+            // and its reason, say), which is still queued: read that.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                match seqpacket::recv(self.fd.as_fd(), &mut self.buf, &mut self.cmsg) {
+                    Ok(got) if got.len > 0 => got,
+                    _ => return Err(HandoverError::PeerGone),
+                }
+            }
             Err(e) => return Err(HandoverError::io(e)),
         };
         if got.truncated {
