@@ -25,9 +25,6 @@ use testkit::{example_binary, Conn, Server, LINE_TIMEOUT, REQUEST_TIMEOUT};
 const UPGRADES: u64 = 5;
 /// Keep-alive load threads.
 const LOAD_CONNECTIONS: usize = 4;
-/// Load requests between two upgrades (at least), so each generation
-/// serves the load and not only the moves.
-const REQUESTS_PER_ROUND: u64 = 200;
 
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: baton-test\r\n\r\n";
 const POST: &[u8] = b"POST / HTTP/1.1\r\nHost: baton-test\r\nContent-Length: 4\r\n\r\nbody";
@@ -106,9 +103,13 @@ fn connections_move_through_upgrades(example: &str) {
             format_args!("generation {old} did not move every connection: {drained:?}"),
         );
     }
-    eprintln!(
-        "{example}: {UPGRADES} upgrades, {} requests ok, generations per load connection {:?}",
-        report.ok, report.generations_per_connection
+    let generations = UPGRADES as usize + 1;
+    server.check(
+        report.generations_per_connection == vec![generations; LOAD_CONNECTIONS],
+        format_args!(
+            "generations answering each load connection: {:?}, expected all {generations}",
+            report.generations_per_connection
+        ),
     );
 }
 
@@ -164,20 +165,20 @@ fn expect_answer(server: &Server, conn: &mut Conn, bytes: &[u8], generation: u64
     }
 }
 
-/// Let the load make [`REQUESTS_PER_ROUND`] more requests (or fail), each
-/// round one request of our own on `probe`, which `generation` answers.
+/// Until `generation` has answered every load connection (or the load
+/// failed), each round one request of our own on `probe`, which
+/// `generation` answers. Bounded.
 #[track_caller]
 fn pace(server: &Server, load: &Load, probe: &mut Conn, generation: u64) {
-    let until = load.ok() + REQUESTS_PER_ROUND;
     for _ in 0..100_000 {
-        if load.ok() >= until || load.failed() > 0 {
+        if load.min_keep_alive_generation() >= Some(generation) || load.failed() > 0 {
             return;
         }
         expect_answer(server, probe, GET, generation);
     }
     server.fail(format_args!(
-        "the load made {} of {REQUESTS_PER_ROUND} requests",
-        load.ok() + REQUESTS_PER_ROUND - until
+        "generation {generation} never answered every load connection: the least recent answer came from {:?}",
+        load.min_keep_alive_generation()
     ));
 }
 

@@ -105,16 +105,25 @@ fn wait_open(server: &Server, control: &Control, n: usize) {
     server.fail(format_args!("{n} connections never were open"));
 }
 
-/// Until `load` has `more` successful responses beyond now (or failed),
-/// each round one status round trip to the server. Bounded.
-fn let_load_answer(server: &Server, control: &Control, load: &Load, more: u64) {
-    let until = load.ok() + more;
-    for _ in 0..10_000 {
-        if load.ok() >= until || load.failed() > 0 {
+/// Until every keep-alive connection of `load` was answered by
+/// `generation` (or the load failed), each round one status round trip to
+/// the server. Bounded.
+#[track_caller]
+fn wait_answered_by(server: &Server, control: &Control, load: &Load, generation: u64) {
+    let deadline = Instant::now() + LINE_TIMEOUT;
+    for _ in 0..100_000 {
+        if load.min_keep_alive_generation() >= Some(generation) || load.failed() > 0 {
             return;
+        }
+        if Instant::now() > deadline {
+            break;
         }
         control.open_connections(server);
     }
+    server.fail(format_args!(
+        "not every connection was answered by generation {generation}: the least recent answer came from {:?}",
+        load.min_keep_alive_generation()
+    ));
 }
 
 /// Wait for the `moved N connections to new process NEW` lines of `old`
@@ -185,8 +194,9 @@ fn storm_of_upgrades_moves_every_connection(backend: &str) {
             moved == STORM_CLIENTS,
             format_args!("pid {old} moved {moved} connections, expected {STORM_CLIENTS}"),
         );
-        // ... and the new generation answers them before it moves them on.
-        let_load_answer(&server, &control, &load, 2 * STORM_CLIENTS as u64);
+        // ... and the new generation answers each of them before it moves
+        // them on.
+        wait_answered_by(&server, &control, &load, generation);
     }
     let upgrades_took = start.elapsed();
     // The last generation answers every connection before the load stops.
@@ -202,11 +212,11 @@ fn storm_of_upgrades_moves_every_connection(backend: &str) {
         ),
     );
     let per_connection = &report.generations_per_connection;
+    let generations = STORM_UPGRADES as usize + 1;
     server.check(
-        per_connection.len() == STORM_CLIENTS
-            && per_connection.iter().all(|&n| n >= STORM_UPGRADES as usize),
+        per_connection.len() == STORM_CLIENTS && per_connection.iter().all(|&n| n == generations),
         format_args!(
-            "generations answering each connection: {per_connection:?}; expected {STORM_CLIENTS} connections, each answered by at least {STORM_UPGRADES}"
+            "generations answering each connection: {per_connection:?}; expected {STORM_CLIENTS} connections, each answered by all {generations}"
         ),
     );
 }

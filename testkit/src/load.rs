@@ -121,6 +121,8 @@ struct Shared {
     ok: AtomicU64,
     failed: AtomicU64,
     max_generation: AtomicU64,
+    /// Per keep-alive thread: the generation of its last answer.
+    last_generation: Vec<AtomicU64>,
 }
 
 impl Load {
@@ -139,8 +141,14 @@ impl Load {
                 format!("invalid request path {:?}", config.path),
             ));
         }
+        let last_generation = (0..config.keep_alive_connections)
+            .map(|_| AtomicU64::new(0))
+            .collect();
         let mut load = Load {
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared {
+                last_generation,
+                ..Shared::default()
+            }),
             threads: Vec::new(),
             start: Instant::now(),
         };
@@ -157,6 +165,7 @@ impl Load {
             let worker = Worker {
                 config: Arc::clone(&config),
                 shared: Arc::clone(&load.shared),
+                index,
                 start: load.start,
                 label: format!("{name} #{index}"),
                 keep_alive,
@@ -185,6 +194,14 @@ impl Load {
     /// Highest generation seen in any response so far (from X-Baton-Generation), cheap (atomic).
     pub fn max_generation(&self) -> u64 {
         self.shared.max_generation.load(Ordering::Relaxed)
+    }
+
+    /// The generation that last answered the keep-alive thread answered
+    /// longest ago: once it reaches G, every keep-alive connection has been
+    /// answered by G (or later). `None` without keep-alive threads.
+    pub fn min_keep_alive_generation(&self) -> Option<u64> {
+        let last = self.shared.last_generation.iter();
+        last.map(|g| g.load(Ordering::Relaxed)).min()
     }
 
     /// Stop all threads (each finishes its current request first), join them, and return the report.
@@ -379,6 +396,8 @@ struct Answer {
 struct Worker {
     config: Arc<LoadConfig>,
     shared: Arc<Shared>,
+    /// Its number among the threads of its kind.
+    index: usize,
     start: Instant,
     /// "keep-alive #3", for failure samples.
     label: String,
@@ -475,6 +494,9 @@ impl Worker {
         self.shared
             .max_generation
             .fetch_max(answer.generation, Ordering::Relaxed);
+        if self.keep_alive {
+            self.shared.last_generation[self.index].store(answer.generation, Ordering::Relaxed);
+        }
         let stats = &mut self.stats;
         stats.ok += 1;
         *stats.per_generation.entry(answer.generation).or_default() += 1;
