@@ -54,6 +54,11 @@ pub(crate) struct IdleRow {
     rss_after_kib: u64,
     without: Vec<Duration>,
     with: Vec<Duration>,
+    /// How long the old generation held the idle connections after its
+    /// stop, at each upgrade of `with` (they move).
+    held_moving: Vec<Duration>,
+    /// The same at one upgrade with `--handover off` (they drain).
+    held_draining: Duration,
 }
 
 /// What the ballast scenario measured on one backend.
@@ -113,27 +118,73 @@ pub(crate) fn run_idle(options: &Options, server: &Path, backend: &str) -> Resul
         );
         drop(warm);
         let mut with = Vec::new();
+        let mut held_moving = Vec::new();
         for round in 0..options.upgrades {
             if round > 0 {
                 idle = open(addr, n)?;
             }
+            let old = session.current;
             with.push(upgrade_to_ready(&mut session)?);
-            // Closed by the client: the old generation's drain ends at once.
+            held_moving.push(held(&session, old)?);
+            // Closed by the client: the next round opens them afresh.
             idle.clear();
         }
-        Ok(IdleRow {
+        Ok::<_, String>(IdleRow {
             backend: backend.to_owned(),
             connections: n,
             rss_before_kib,
             rss_after_kib,
             without,
             with,
+            held_moving,
+            held_draining: Duration::ZERO,
         })
     })();
     session.shutdown();
     drop(session);
     monitor.stop();
+    let mut row = result?;
+    row.held_draining = held_draining(options, server, backend)?;
+    Ok(row)
+}
+
+/// How long the old generation held `--idle-connections` idle connections
+/// after its stop, with `--handover off`: until the idle grace closed them.
+fn held_draining(options: &Options, server: &Path, backend: &str) -> Result<Duration, String> {
+    let n = options.idle_connections;
+    let procs = Arc::new(Procs::default());
+    let monitor = Monitor::start(Arc::clone(&procs), 20 * STEP_BOUND)?;
+    let mut session = Session::new(options, server, backend, Arc::clone(&procs));
+    session.extra_args = vec![
+        "--max-connections".to_owned(),
+        (n + 100).to_string(),
+        "--successor-watch".to_owned(),
+        SUCCESSOR_WATCH.to_owned(),
+        "--handover".to_owned(),
+        "off".to_owned(),
+    ];
+    let result = (|| {
+        let addr = session.start("127.0.0.1:0")?;
+        let idle = open(addr, n)?;
+        let old = session.current;
+        upgrade_to_ready(&mut session)?;
+        drop(idle);
+        held(&session, old)
+    })();
+    session.shutdown();
+    drop(session);
+    monitor.stop();
     result
+}
+
+/// The `no connection left after N ms` of `old`, which has exited.
+fn held(session: &Session<'_>, old: u32) -> Result<Duration, String> {
+    session.emptied.get(&old).copied().ok_or_else(|| {
+        format!(
+            "pid {old} exited without a `no connection left` line{}",
+            session.recent_lines()
+        )
+    })
 }
 
 /// The ballast scenario on one backend: a server with `--ballast 0`, then
@@ -338,21 +389,24 @@ pub(crate) fn idle_table(rows: &[IdleRow], upgrades: usize, out: &mut String) {
         out,
         "\n### {n} idle keep-alive connections\n\n\
          | backend | RSS before MiB | RSS with them MiB | per connection KiB \
-         | upgrade, none: median ms | max ms | upgrade, {n} idle: median ms | max ms | ratio |"
+         | upgrade, none: median ms | max ms | upgrade, {n} idle: median ms | max ms | ratio \
+         | old gen held them, handover on: median ms | max ms | handover off ms |"
     );
-    out.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    out.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for row in rows {
         let per_connection = row.rss_after_kib.saturating_sub(row.rss_before_kib) as f64
             / row.connections.max(1) as f64;
         let (none_median, none_max) = median_max(&row.without);
         let (with_median, with_max) = median_max(&row.with);
+        let (moving_median, moving_max) = median_max(&row.held_moving);
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.1} | {per_connection:.2} | {none_median} | {none_max} | {with_median} | {with_max} | {} |",
+            "| {} | {:.1} | {:.1} | {per_connection:.2} | {none_median} | {none_max} | {with_median} | {with_max} | {} | {moving_median} | {moving_max} | {} |",
             row.backend,
             row.rss_before_kib as f64 / 1024.0,
             row.rss_after_kib as f64 / 1024.0,
             ratio(&row.with, &row.without),
+            super::ms(row.held_draining),
         );
     }
     let _ = writeln!(
@@ -360,8 +414,10 @@ pub(crate) fn idle_table(rows: &[IdleRow], upgrades: usize, out: &mut String) {
         "\nRSS: VmRSS of the serving generation after {WARM_UP} warm-up connections, then with \
          {n} more, each answered once and idle. Upgrade: SIGHUP until the old generation's \
          `upgrade done` line (the new one reported ready), {upgrades} upgrades each; with the \
-         idle connections open on the generation upgraded. nginx holds ~1.3 KiB per idle \
-         connection (issue 14)."
+         idle connections open on the generation upgraded (they move to the next one). Old gen \
+         held them: from its stop until its `no connection left` line: with the handover the \
+         {n} connections move; with `--handover off` they are closed after the idle grace. \
+         nginx holds ~1.3 KiB per idle connection (issue 14)."
     );
 }
 
