@@ -317,7 +317,7 @@ pub struct Lifecycle {
     move_kinds: Vec<String>,
     /// After a successful upgrade: the channel to the new generation.
     moving: Option<Moving>,
-    /// Whether the state channel was last watched for writability.
+    /// Whether a state channel was last watched for writability.
     state_writable: bool,
     /// After ready: the channel from the previous generation.
     receiving: Option<Receiving>,
@@ -435,9 +435,11 @@ impl Lifecycle {
             watched.upgrade.extend(upgrade.pending.exit_fd());
         }
         if let Some(receiving) = &self.receiving {
-            watched
-                .state
-                .push(std::os::fd::AsFd::as_fd(&receiving.receiver));
+            let fd = std::os::fd::AsFd::as_fd(&receiving.receiver);
+            watched.state.push(fd);
+            if receiving.receiver.wants_write() {
+                watched.writable.push(fd);
+            }
         }
         for sender in self.senders() {
             watched.state.push(std::os::fd::AsFd::as_fd(sender));
@@ -655,7 +657,11 @@ impl Lifecycle {
             }
         }
         self.poll_moves();
-        let writable = self.senders().any(Sender::wants_write);
+        let writable = self.senders().any(Sender::wants_write)
+            || self
+                .receiving
+                .as_ref()
+                .is_some_and(|r| r.receiver.wants_write());
         if writable != self.state_writable {
             self.state_writable = writable;
             self.epoch += 1;
