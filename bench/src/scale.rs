@@ -97,12 +97,7 @@ pub(crate) fn run_idle(options: &Options, server: &Path, backend: &str) -> Resul
     let procs = Arc::new(Procs::default());
     let monitor = Monitor::start(Arc::clone(&procs), 20 * STEP_BOUND)?;
     let mut session = Session::new(options, server, backend, Arc::clone(&procs));
-    session.extra_args = vec![
-        "--max-connections".to_owned(),
-        (n + WARM_UP + 100).to_string(),
-        "--successor-watch".to_owned(),
-        SUCCESSOR_WATCH.to_owned(),
-    ];
+    session.extra_args = idle_server_args(n);
     let result = (|| {
         let addr = session.start("127.0.0.1:0")?;
         let mut without = Vec::new();
@@ -148,6 +143,16 @@ pub(crate) fn run_idle(options: &Options, server: &Path, backend: &str) -> Resul
     Ok(row)
 }
 
+/// The demo's flags for `n` idle connections (and the warm-up ones).
+fn idle_server_args(n: usize) -> Vec<String> {
+    vec![
+        "--max-connections".to_owned(),
+        (n + WARM_UP + 100).to_string(),
+        "--successor-watch".to_owned(),
+        SUCCESSOR_WATCH.to_owned(),
+    ]
+}
+
 /// How long the old generation held `--idle-connections` idle connections
 /// after its stop, with `--handover off`: until the idle grace closed them.
 fn held_draining(options: &Options, server: &Path, backend: &str) -> Result<Duration, String> {
@@ -155,14 +160,10 @@ fn held_draining(options: &Options, server: &Path, backend: &str) -> Result<Dura
     let procs = Arc::new(Procs::default());
     let monitor = Monitor::start(Arc::clone(&procs), 20 * STEP_BOUND)?;
     let mut session = Session::new(options, server, backend, Arc::clone(&procs));
-    session.extra_args = vec![
-        "--max-connections".to_owned(),
-        (n + 100).to_string(),
-        "--successor-watch".to_owned(),
-        SUCCESSOR_WATCH.to_owned(),
-        "--handover".to_owned(),
-        "off".to_owned(),
-    ];
+    session.extra_args = idle_server_args(n);
+    session
+        .extra_args
+        .extend(["--handover".to_owned(), "off".to_owned()]);
     let result = (|| {
         let addr = session.start("127.0.0.1:0")?;
         let idle = open(addr, n)?;
