@@ -353,6 +353,11 @@ impl Generation {
         })
     }
 
+    /// The state versions this generation declared.
+    pub(crate) fn state_versions(&self) -> Option<Versions> {
+        self.state_versions
+    }
+
     /// The receiver of the state taken by [`receive_state`](Self::receive_state),
     /// to be polled until the previous generation's commit arrives (the
     /// lifecycle does).

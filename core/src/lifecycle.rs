@@ -394,6 +394,12 @@ impl Lifecycle {
             Ok(_) => {}
             Err(e) => log::warn!("state: {e}"),
         }
+        if !self.move_kinds.is_empty() && self.generation.state_versions().is_none() {
+            log::warn!(
+                "moves: no state versions declared (Config::state_versions): connections of {:?} drain at upgrades instead of moving",
+                self.move_kinds
+            );
+        }
         self.generation.ready()?;
         log::info!("serving");
         // Watch for the previous generation's commit, then for connections.
