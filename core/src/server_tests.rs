@@ -2,7 +2,8 @@
 //! an async-executor): accept loops and the handler, upgrades and stops
 //! through a [`Handle`] and through the control socket (the library's own
 //! blocking client), the drain report, and resume with accept loops
-//! restarted. baton-tokio and baton-smol test their runtimes and listener
+//! restarted, and offered connections that come back to their kind's task.
+//! baton-tokio and baton-smol test their runtimes and listener
 //! types; the driver they share is tested here, once.
 //!
 //! Every wait is on a response, an answer or the server's end, bounded by
@@ -222,4 +223,46 @@ fn after_the_successor_dies_the_accept_loops_serve_again() {
         handle.stop();
     })
     .expect("served");
+}
+
+#[test]
+fn an_offered_connection_that_cannot_move_comes_back_to_its_moved_task() {
+    // No upgrade runs: every offer comes back, whole, to the task of its
+    // kind, which serves the connection from the state it saved.
+    let path = script("unused-moves.sh", "exit 0");
+    let config = config(&path).state_versions(crate::handover::Versions::single(1));
+    let executor = Arc::new(Executor::new());
+    let mut server =
+        Server::<TestRuntime, TestListener>::new(TestRuntime(executor.clone()), config).unwrap();
+    server
+        .listen("http", &"127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let addr = server.listeners[0].0.get_ref().local_addr().unwrap();
+    let handle = server.handle();
+    server.on_moved("conn", |mut item: Item, conn: Connection| async move {
+        let mut stream = std::net::TcpStream::from(item.fds.remove(0));
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.write_all(&item.payload);
+        drop(conn);
+    });
+    let tester = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(BOUND)).unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("read");
+        handle.stop();
+        text
+    });
+    let serve = server.serve(|stream: std::net::TcpStream, conn: Connection| async move {
+        assert_eq!(conn.can_move(), None, "no upgrade: nothing may move");
+        let item = Item::new("conn", 1, b"came back\n".to_vec()).with_fds([stream.into()]);
+        conn.offer(item);
+    });
+    let report = async_io::block_on(executor.run(future::or(serve, async {
+        Timer::after(BOUND).await;
+        panic!("the server did not end within {BOUND:?}")
+    })))
+    .expect("served");
+    assert_eq!(tester.join().expect("the test thread"), "came back\n");
+    assert_eq!((report.moved, report.forced), (0, 0));
 }
