@@ -28,6 +28,14 @@
 //!     Ok(())
 //! }
 //! ```
+//!
+//! Open connections can also move, open, to the next generation at an
+//! upgrade instead of draining (the live handover): declare
+//! `Config::state_versions`, serve moved connections with
+//! `Server::on_moved(kind, task)`, and offer each connection at a safe point
+//! while `Connection::can_move` says so (`Stream::into_fd` gives its socket,
+//! `Stream::from_moved` takes it back). `examples/chat.rs` (`--example
+//! smol-chat`) shows the whole path.
 #![forbid(unsafe_code)]
 
 mod listener;

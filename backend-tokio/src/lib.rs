@@ -40,6 +40,14 @@
 //! connection whose last request had a body, that asked for an HTTP
 //! upgrade, or that hyper closes anyway drains instead: the `hyper`
 //! module says what hyper's API allows and why those cannot move.
+//!
+//! Open connections can also move, open, to the next generation at an
+//! upgrade instead of draining (the live handover): declare
+//! `Config::state_versions`, serve moved connections with
+//! `Server::on_moved(kind, task)`, and offer each connection at a safe point
+//! while `Connection::can_move` says so (`Stream::into_fd` gives its socket,
+//! `Stream::from_moved` takes it back). `examples/chat.rs` (`--example
+//! tokio-chat`) shows the whole path.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "axum")]
