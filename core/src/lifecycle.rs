@@ -257,6 +257,8 @@ struct Moving {
     /// The guards of the connections in the open transaction, in the order
     /// of their items.
     in_flight: Vec<Connection>,
+    /// The state's transaction is committed: later ones move connections.
+    state_committed: bool,
 }
 
 /// After ready: the channel from the previous generation, for its commit
@@ -773,6 +775,7 @@ impl Lifecycle {
                         sender: state.sender,
                         pid,
                         in_flight: Vec::new(),
+                        state_committed: false,
                     });
                     self.poll_state();
                 }
@@ -1166,7 +1169,8 @@ fn drive_moving(moving: &mut Moving, moves: bool, events: &mut VecDeque<Event>) 
             }
         };
         match event {
-            SenderEvent::Committed if moving.in_flight.is_empty() => {
+            SenderEvent::Committed if !moving.state_committed => {
+                moving.state_committed = true;
                 log::info!("state: committed to the new generation");
                 if !moves {
                     return Keep::No;
@@ -1177,7 +1181,10 @@ fn drive_moving(moving: &mut Moving, moves: bool, events: &mut VecDeque<Event>) 
                 for mut conn in moving.in_flight.drain(..) {
                     conn.set_moved();
                 }
-                log::info!("moved {count} connections to new process {pid}");
+                // (None when the new generation's limits refused them all.)
+                if count > 0 {
+                    log::info!("moved {count} connections to new process {pid}");
+                }
             }
             SenderEvent::Prepared => {
                 if let Err(e) = moving.sender.commit() {
