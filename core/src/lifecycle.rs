@@ -656,10 +656,7 @@ impl Lifecycle {
             }
         }
         if let Some(receiving) = self.receiving.as_mut() {
-            let moves = !self.move_kinds.is_empty();
-            if drive_receiving(receiving, &self.move_kinds, &mut self.events) == Keep::No
-                || (!moves && receiving.receiver.version().is_some() && is_between(receiving))
-            {
+            if drive_receiving(receiving, &self.move_kinds, &mut self.events) == Keep::No {
                 self.receiving = None;
                 self.epoch += 1;
             }
@@ -1123,6 +1120,10 @@ fn drive_receiving(
         match event {
             ReceiverEvent::Committed if receiving.held.is_empty() => {
                 log::debug!("state: the previous generation committed");
+                // Without kinds to take, the channel has served.
+                if kinds.is_empty() {
+                    return Keep::No;
+                }
             }
             ReceiverEvent::Committed => {
                 let moved = std::mem::take(&mut receiving.held);

@@ -85,6 +85,22 @@ fn drive(lifecycle: &mut Lifecycle, mut until: impl FnMut(&Event) -> bool) -> Ve
     panic!("too many rounds; saw {seen:?}");
 }
 
+/// Drive `lifecycle` until it exits; its drain report.
+fn drive_to_exit(lifecycle: &mut Lifecycle) -> DrainReport {
+    match drive(lifecycle, |e| matches!(e, Event::Exit(_))).pop() {
+        Some(Event::Exit(report)) => report,
+        other => unreachable!("{other:?}"),
+    }
+}
+
+/// Drive `lifecycle` until offered connections come back; them.
+fn drive_to_unmoved(lifecycle: &mut Lifecycle) -> Vec<Offer> {
+    match drive(lifecycle, |e| matches!(e, Event::Unmoved(_))).pop() {
+        Some(Event::Unmoved(offers)) => offers,
+        other => unreachable!("{other:?}"),
+    }
+}
+
 fn answer_of(events: &[Event], to: ReplyTo) -> Option<&Answer> {
     events.iter().find_map(|event| match event {
         Event::Answer { reply, answer } if *reply == to => Some(answer),
@@ -272,11 +288,7 @@ fn a_stop_during_the_drain_forces_what_is_left() {
     let events = drive(&mut lifecycle, |e| matches!(e, Event::ForceClose));
     assert!(lifecycle.generation().tracker().is_forced(), "{events:?}");
     drop(busy);
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Exit(_)));
-    match events.last() {
-        Some(Event::Exit(report)) => assert_eq!(report.forced, 1),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(drive_to_exit(&mut lifecycle).forced, 1);
 }
 
 /// Issue 12 item 4: A upgraded to B, B to C, then B died: A must not serve
@@ -318,11 +330,7 @@ fn idle_connections_are_told_to_close_after_the_idle_grace() {
     drive(&mut lifecycle, |e| matches!(e, Event::CloseIdle));
     assert!(lifecycle.generation().tracker().is_closing_idle());
     drop(idle);
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Exit(_)));
-    match events.last() {
-        Some(Event::Exit(report)) => assert_eq!(report.closed_idle, 1),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(drive_to_exit(&mut lifecycle).closed_idle, 1);
 }
 
 #[test]
@@ -613,10 +621,7 @@ fn a_connection_moves_open_with_its_unread_bytes_and_counts_as_moved() {
     let pid = upgraded_pid(&events, ReplyTo(1));
     offer(conn, server, b"state");
     // Moved and committed: the drain ends without waiting for it.
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Exit(_)));
-    let Some(Event::Exit(report)) = events.last() else {
-        unreachable!()
-    };
+    let report = drive_to_exit(&mut lifecycle);
     assert_eq!(report.moved, 1, "{report:?}");
     assert!(report.to_string().starts_with("1 moved / "), "{report}");
     // The new generation read the line this one never read, and answered
@@ -635,10 +640,7 @@ fn a_new_generation_killed_before_the_commit_leaves_every_connection_here() {
     upgraded_pid(&events, ReplyTo(1));
     offer(conn, server, b"first");
     offer(other_conn, other_server, b"second");
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Unmoved(_)));
-    let Some(Event::Unmoved(offers)) = events.into_iter().last() else {
-        unreachable!()
-    };
+    let offers = drive_to_unmoved(&mut lifecycle);
     // Both come back whole, in order, with their guards; the connection
     // still works from here, and its unread line is still unread.
     let payloads: Vec<&[u8]> = offers.iter().map(|o| o.item.payload.as_slice()).collect();
@@ -655,8 +657,7 @@ fn a_new_generation_killed_before_the_commit_leaves_every_connection_here() {
     // later offer comes back too.
     assert_eq!(first.conn.can_move(), None);
     first.conn.offer(first.item);
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Unmoved(_)));
-    assert!(matches!(events.last(), Some(Event::Unmoved(o)) if o.len() == 1));
+    assert_eq!(drive_to_unmoved(&mut lifecycle).len(), 1);
 }
 
 #[test]
@@ -667,8 +668,7 @@ fn a_new_generation_that_does_not_resume_the_kind_refuses_and_the_connection_sta
     let events = drive(&mut lifecycle, |e| matches!(e, Event::Answer { .. }));
     let pid = upgraded_pid(&events, ReplyTo(1));
     offer(conn, server, b"state");
-    let events = drive(&mut lifecycle, |e| matches!(e, Event::Unmoved(_)));
-    assert!(matches!(events.last(), Some(Event::Unmoved(o)) if o.len() == 1));
+    assert_eq!(drive_to_unmoved(&mut lifecycle).len(), 1);
     kill(pid);
 }
 

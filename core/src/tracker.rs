@@ -15,7 +15,7 @@
 //! they come back, see [`crate::lifecycle::Event::Unmoved`]).
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use event_listener::Event;
@@ -69,8 +69,11 @@ struct Inner {
     force: AtomicBool,
     /// Set once the idle grace after the stop has passed.
     close_idle: AtomicBool,
-    /// The live handover: whether connections may move, and those offered.
-    moves: Mutex<Moves>,
+    /// The state version connections may move at, plus one; 0 while they
+    /// may not. An atomic: every connection reads it after each request.
+    move_version: AtomicU64,
+    /// Connections offered and not yet taken by the lifecycle.
+    offered: Mutex<Vec<Offer>>,
     /// Notified when `open` drops to zero, when `force` is set, when moves
     /// open and when a connection is offered.
     changed: Event,
@@ -101,7 +104,8 @@ impl Tracker {
             closed_idle: AtomicUsize::new(0),
             forced: AtomicUsize::new(0),
             moved: AtomicUsize::new(0),
-            moves: Mutex::new(Moves::default()),
+            move_version: AtomicU64::new(0),
+            offered: Mutex::new(Vec::new()),
             force: AtomicBool::new(false),
             close_idle: AtomicBool::new(false),
             changed: Event::new(),
@@ -174,7 +178,8 @@ impl Tracker {
     /// The state version to save connections at while they may move to the
     /// next generation; `None` otherwise.
     pub fn move_version(&self) -> Option<u32> {
-        self.moves().version
+        let stored = self.inner.move_version.load(Ordering::SeqCst);
+        stored.checked_sub(1).and_then(|v| u32::try_from(v).ok())
     }
 
     /// Resolves once idle connections should act: offer themselves while
@@ -186,34 +191,35 @@ impl Tracker {
 
     /// Resolves once a connection was offered and not yet taken.
     pub async fn offered(&self) {
-        self.wait_until(|t| !t.moves().offered.is_empty()).await;
+        self.wait_until(Self::has_offers).await;
     }
 
     /// Let connections move at `version` (the lifecycle does, once the next
     /// generation is ready and takes them).
     pub(crate) fn open_moves(&self, version: u32) {
-        self.moves().version = Some(version);
+        let stored = u64::from(version) + 1;
+        self.inner.move_version.store(stored, Ordering::SeqCst);
         self.inner.changed.notify(usize::MAX);
     }
 
     /// No more moves: connections offered from now on come back.
     pub(crate) fn close_moves(&self) {
-        self.moves().version = None;
+        self.inner.move_version.store(0, Ordering::SeqCst);
     }
 
     /// The connections offered since the last call, in order.
     pub(crate) fn take_offers(&self) -> Vec<Offer> {
-        std::mem::take(&mut self.moves().offered)
+        std::mem::take(&mut *self.offers())
     }
 
     /// True if a connection was offered and not yet taken.
     pub fn has_offers(&self) -> bool {
-        !self.moves().offered.is_empty()
+        !self.offers().is_empty()
     }
 
-    fn moves(&self) -> std::sync::MutexGuard<'_, Moves> {
+    fn offers(&self) -> std::sync::MutexGuard<'_, Vec<Offer>> {
         self.inner
-            .moves
+            .offered
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
@@ -302,13 +308,6 @@ pub struct Connection {
     stays: bool,
 }
 
-/// Whether connections may move now, and those offered.
-#[derive(Debug, Default)]
-struct Moves {
-    version: Option<u32>,
-    offered: Vec<Offer>,
-}
-
 /// A connection offered to the next generation: its saved state (the
 /// socket among the item's fds) and its guard, which keeps it counted as
 /// open until the move is committed.
@@ -369,7 +368,7 @@ impl Connection {
     pub fn offer(mut self, item: Item) {
         self.set_idle();
         let tracker = self.tracker.clone();
-        tracker.moves().offered.push(Offer { item, conn: self });
+        tracker.offers().push(Offer { item, conn: self });
         tracker.inner.changed.notify(usize::MAX);
     }
 

@@ -112,6 +112,15 @@ impl End {
         Ok(true)
     }
 
+    /// Once the channel is finished: send what is still queued (an
+    /// abort), best effort, and drop whatever the peer sends (closing its
+    /// fds). Bounded: end of file is read again and again, so it stops
+    /// there.
+    pub(crate) fn discard(&mut self) {
+        let _ = self.flush();
+        while let Ok(Some(Incoming::Frame(..))) = self.recv() {}
+    }
+
     /// Receive one frame, `None` if none is queued. On any error the fds
     /// that came are closed.
     pub(crate) fn recv(&mut self) -> Result<Option<Incoming>, HandoverError> {

@@ -125,9 +125,7 @@ impl Receiver {
     /// After `Aborted` or an `Err`, the channel is finished: drop it.
     pub fn poll(&mut self) -> Result<Option<ReceiverEvent>, HandoverError> {
         if self.state.finished() {
-            let _ = self.end.flush();
-            // Bounded: end of file is read again and again, so stop there.
-            while let Ok(Some(Incoming::Frame(..))) = self.end.recv() {}
+            self.end.discard();
             return Ok(None);
         }
         self.try_flush();

@@ -142,17 +142,13 @@ impl Sender {
             return Ok(Some(event));
         }
         if self.state.finished() {
-            // Best effort: an abort may still be queued; whatever the
-            // peer sends now is dropped (and its fds closed).
-            let _ = self.end.flush();
-            // Bounded: end of file is read again and again, so stop there.
-            while let Ok(Some(Incoming::Frame(..))) = self.end.recv() {}
+            self.end.discard();
             return Ok(None);
         }
-        if let Some(e) = self.pending_error.take() {
-            return self.fail(e);
+        // After a failed send, fail without sending again.
+        if self.pending_error.is_none() {
+            self.try_flush();
         }
-        self.try_flush();
         if let Some(event) = self.events.pop_front() {
             return Ok(Some(event));
         }
